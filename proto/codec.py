@@ -1,0 +1,106 @@
+"""Wire encoding of messages as Redis stream fields.
+
+A message becomes four fields:
+
+- ``v``: schema version (ASCII integer);
+- ``k``: message kind (``prompt_task``, ``rollout_group`` ...);
+- ``h``: a small JSON header, the model's fields with every array replaced by
+  a reference ``{"@a": [dtype, byte_offset, count]}``;
+- ``b``: all arrays packed back to back as raw little-endian bytes.
+
+Decoding reads arrays straight out of ``b`` with ``np.frombuffer`` (no copy,
+read-only), so a G=16 x 4096-token group costs well under a millisecond.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+import numpy as np
+from pydantic import ValidationError
+
+from proto.messages import SCHEMA_VERSION, Message
+
+SUPPORTED_VERSIONS = frozenset({SCHEMA_VERSION})
+M = TypeVar("M", bound=Message)
+_REF = "@a"
+
+
+class DecodeError(ValueError):
+    """A stream entry that cannot become the expected message (dead-letter it)."""
+
+
+class UnknownSchemaVersion(DecodeError):
+    """The entry was written with a schema version this consumer does not know."""
+
+
+def _pack(value: Any, chunks: list[bytes], offset: list[int]) -> Any:
+    if isinstance(value, np.ndarray):
+        arr = value if value.dtype.byteorder != ">" else value.astype(value.dtype.newbyteorder("<"))
+        raw = arr.tobytes()
+        ref = {_REF: [arr.dtype.str, offset[0], int(arr.size)]}
+        chunks.append(raw)
+        offset[0] += len(raw)
+        return ref
+    if isinstance(value, dict):
+        return {k: _pack(v, chunks, offset) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_pack(v, chunks, offset) for v in value]
+    return value
+
+
+def _unpack(value: Any, blob: bytes) -> Any:
+    if isinstance(value, dict):
+        ref = value.get(_REF)
+        if ref is not None and len(value) == 1:
+            dtype, off, count = ref
+            return np.frombuffer(blob, dtype=np.dtype(dtype), count=count, offset=off)
+        return {k: _unpack(v, blob) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unpack(v, blob) for v in value]
+    return value
+
+
+def encode(msg: Message) -> dict[str, bytes]:
+    """Message -> stream fields."""
+    chunks: list[bytes] = []
+    header = _pack(msg.model_dump(mode="python"), chunks, [0])
+    return {
+        "v": str(msg.schema_version).encode(),
+        "k": msg.kind.encode(),
+        "h": json.dumps(header, separators=(",", ":")).encode(),
+        "b": b"".join(chunks),
+    }
+
+
+def _field(fields: dict, name: str) -> bytes:
+    value = fields.get(name.encode(), fields.get(name))
+    if value is None:
+        raise DecodeError(f"entry has no '{name}' field (fields: {sorted(map(str, fields))})")
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def decode(fields: dict, expected: type[M]) -> M:
+    """Stream fields -> message of the expected type, or DecodeError saying why."""
+    raw_version = _field(fields, "v")
+    try:
+        version = int(raw_version)
+    except ValueError:
+        raise DecodeError(f"schema version {raw_version!r} is not an integer") from None
+    if version not in SUPPORTED_VERSIONS:
+        raise UnknownSchemaVersion(
+            f"schema version {version} is not supported by this consumer "
+            f"(knows {sorted(SUPPORTED_VERSIONS)}); upgrade the consumer"
+        )
+    kind = _field(fields, "k").decode(errors="replace")
+    if kind != expected.kind:
+        raise DecodeError(f"expected a '{expected.kind}' message, got '{kind}'")
+    try:
+        header = json.loads(_field(fields, "h"))
+        payload = _unpack(header, _field(fields, "b") if b"b" in fields or "b" in fields else b"")
+        return expected.model_validate(payload)
+    except ValidationError as exc:
+        raise DecodeError(f"invalid {kind}: {exc}") from exc
+    except (ValueError, TypeError) as exc:  # bad JSON, array ref outside the blob, ...
+        raise DecodeError(f"malformed {kind}: {exc}") from exc

@@ -1,0 +1,298 @@
+"""Every message that travels on a stream, one pydantic model each.
+
+Shapes and alignment: a sample's ``response_ids`` and ``logprobs`` are 1-D
+arrays of equal length L (the EOS token, when emitted, is the last element and
+counts in L); ``logprobs[t]`` is the log-probability of ``response_ids[t]``
+under the policy that generated it (log-softmax of logits / temperature).
+Token ids are int32, log-probs float32; on the wire both travel as packed
+little-endian bytes (see ``proto.codec``), never as JSON lists.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, ClassVar, Literal
+
+import numpy as np
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    model_validator,
+)
+
+SCHEMA_VERSION = 1
+
+
+def _array_of(dtype: np.dtype):
+    def convert(value):
+        if isinstance(value, np.ndarray):
+            if value.ndim != 1:
+                raise ValueError(f"expected a 1-D array, got shape {value.shape}")
+            return value if value.dtype == dtype else value.astype(dtype)
+        if isinstance(value, bytes | bytearray | memoryview):
+            return np.frombuffer(value, dtype=dtype)
+        if isinstance(value, list | tuple):
+            return np.asarray(value, dtype=dtype)
+        raise ValueError(f"expected an array, list or bytes, got {type(value).__name__}")
+
+    return convert
+
+
+_to_list = PlainSerializer(lambda a: a.tolist(), when_used="json")
+TokenIds = Annotated[np.ndarray, BeforeValidator(_array_of(np.dtype("<i4"))), _to_list]
+"""1-D int32 token ids."""
+LogProbs = Annotated[np.ndarray, BeforeValidator(_array_of(np.dtype("<f4"))), _to_list]
+"""1-D float32 log-probabilities, aligned with the token ids they belong to."""
+
+
+class Message(BaseModel):
+    """Base of every wire message: strict fields and a schema version."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    kind: ClassVar[str] = "message"
+    schema_version: Literal[1] = SCHEMA_VERSION
+    """Wire schema version; a consumer that does not know it dead-letters the message."""
+    run_id: str = Field(min_length=1, max_length=128)
+    """Run the message belongs to."""
+
+
+class SamplingSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    temperature: float = Field(1.0, gt=0.0)
+    """Softmax temperature."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus mass."""
+    top_k: int = Field(-1, ge=-1)
+    """Top-k cut (-1 = off)."""
+    max_new_tokens: int = Field(ge=1)
+    """Generation budget per sample, EOS included."""
+
+
+class PromptTask(Message):
+    """sampler -> rollout: generate G samples for one prompt."""
+
+    kind: ClassVar[str] = "prompt_task"
+    group_id: str = Field(min_length=1)
+    """Unique id of the group these samples will form; the idempotency key downstream."""
+    prompt_id: str = Field(min_length=1)
+    """Dataset row identity (file split and row index)."""
+    epoch: int = Field(0, ge=0)
+    """Dataset epoch the prompt was drawn in."""
+    prompt_text: str
+    """Rendered prompt (templates applied)."""
+    prompt_ids: TokenIds
+    """Tokenised prompt_text, shape (P,)."""
+    ground_truth: str
+    """Reference answer for the reward."""
+    data_source: str = "unknown"
+    """Dataset name, kept for per-source metrics."""
+    n: int = Field(ge=2)
+    """G: samples to generate."""
+    sampling: SamplingSpec
+    """Sampling parameters."""
+    dispatch_version: int = Field(0, ge=0)
+    """Policy version current when the sampler dispatched the task."""
+    created_at: float = Field(default_factory=time.time)
+    """Unix seconds."""
+
+    @model_validator(mode="after")
+    def _nonempty_prompt(self) -> PromptTask:
+        if self.prompt_ids.size == 0:
+            raise ValueError("prompt_ids is empty")
+        return self
+
+
+class Sample(BaseModel):
+    """One generated answer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    response_ids: TokenIds
+    """Generated token ids, shape (L,), EOS included when emitted."""
+    logprobs: LogProbs
+    """Log-prob of each response token under the generating policy, shape (L,)."""
+    finish_reason: Literal["stop", "length"]
+    """stop: ended with EOS; length: hit max_new_tokens."""
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Sample:
+        if self.response_ids.shape != self.logprobs.shape:
+            raise ValueError(
+                f"response_ids has {self.response_ids.size} tokens but logprobs has "
+                f"{self.logprobs.size}"
+            )
+        if self.response_ids.size == 0:
+            raise ValueError("response_ids is empty")
+        return self
+
+
+class ScoredSample(Sample):
+    """A sample with its reward."""
+
+    score: float
+    """Reward used for the advantage: verifier score (+1/-1) plus overlong penalty."""
+    acc: bool
+    """Verifier verdict alone, without the penalty."""
+    overlong_penalty: float = Field(le=0.0)
+    """Soft overlong punishment already included in score (<= 0)."""
+    length: int = Field(ge=1)
+    """Response length in tokens, EOS counted."""
+    truncated: bool
+    """True when finish_reason == 'length'."""
+    pred: str = ""
+    """Normalised extracted answer (for inspection)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ScoredSample:
+        if self.length != self.response_ids.size:
+            raise ValueError(f"length {self.length} != {self.response_ids.size} response tokens")
+        if self.truncated != (self.finish_reason == "length"):
+            raise ValueError("truncated must equal finish_reason == 'length'")
+        return self
+
+
+class _GroupBase(Message):
+    group_id: str = Field(min_length=1)
+    """Idempotency key, copied from the prompt task."""
+    prompt_id: str = Field(min_length=1)
+    """Dataset row identity."""
+    epoch: int = Field(0, ge=0)
+    """Dataset epoch."""
+    prompt_ids: TokenIds
+    """Prompt tokens, shape (P,)."""
+    ground_truth: str
+    """Reference answer."""
+    data_source: str = "unknown"
+    """Dataset name."""
+    n: int = Field(ge=2)
+    """G; equals len(samples)."""
+    policy_version: int = Field(ge=0)
+    """Version of the weights that generated every sample of the group."""
+    dispatch_version: int = Field(0, ge=0)
+    """Policy version when the task was dispatched."""
+    worker_id: str = Field(min_length=1)
+    """Rollout worker that generated the group."""
+    engine: Literal["hf", "vllm"]
+    """Inference engine used."""
+    gen_seconds: float = Field(ge=0.0)
+    """Wall time spent generating this group (its share of the batch)."""
+    finished_at: float = Field(default_factory=time.time)
+    """Unix seconds when generation finished."""
+
+    @model_validator(mode="after")
+    def _group_size(self):
+        if len(self.samples) != self.n:  # type: ignore[attr-defined]
+            raise ValueError(f"group has {len(self.samples)} samples, expected n={self.n}")  # type: ignore[attr-defined]
+        return self
+
+
+class RolloutGroup(_GroupBase):
+    """rollout -> reward: G samples for one prompt."""
+
+    kind: ClassVar[str] = "rollout_group"
+    samples: list[Sample]
+    """The G samples."""
+
+
+class ScoredGroup(_GroupBase):
+    """reward -> sampler: G scored samples."""
+
+    kind: ClassVar[str] = "scored_group"
+    samples: list[ScoredSample]
+    """The G scored samples."""
+    reward_seconds: float = Field(0.0, ge=0.0)
+    """Wall time spent scoring."""
+
+
+class BatchStats(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    gen_rounds: int = Field(0, ge=0)
+    """Generation rounds (multiples of train_batch_size prompts) it took to fill the batch."""
+    kept: int = Field(0, ge=0)
+    """Groups that passed the dynamic-sampling filter while filling this batch."""
+    filtered_all_correct: int = Field(0, ge=0)
+    """Groups dropped because every sample was correct."""
+    filtered_all_wrong: int = Field(0, ge=0)
+    """Groups dropped because every sample was wrong."""
+    dropped_stale: int = Field(0, ge=0)
+    """Groups dropped for exceeding max_staleness."""
+    mean_version_lag: float = Field(0.0, ge=0.0)
+    """Mean (learner version - generating version) over the batch's groups at assembly."""
+
+
+class TrainingBatch(Message):
+    """sampler -> learner: exactly train_batch_size groups."""
+
+    kind: ClassVar[str] = "training_batch"
+    batch_id: int = Field(ge=0)
+    """Training step this batch is for (0-based); the idempotency key."""
+    groups: list[ScoredGroup] = Field(min_length=1)
+    """The kept groups."""
+    stats: BatchStats = Field(default_factory=BatchStats)
+    """How the batch was filled."""
+    created_at: float = Field(default_factory=time.time)
+    """Unix seconds."""
+
+
+class WeightVersion(Message):
+    """learner -> everyone: a new policy version exists."""
+
+    kind: ClassVar[str] = "weight_version"
+    version: int = Field(ge=0)
+    """Policy version (0 = initial weights)."""
+    step: int = Field(ge=0)
+    """Training batches consumed so far."""
+    checksum: str
+    """Checksum of the weights as broadcast."""
+    num_bytes: int = Field(ge=0)
+    """Size of the broadcast."""
+    checkpoint_dir: str | None = None
+    """Newest checkpoint on disk (for late joiners), if any."""
+    created_at: float = Field(default_factory=time.time)
+    """Unix seconds."""
+
+
+class WeightReport(Message):
+    """rollout -> learner: what a worker has loaded."""
+
+    kind: ClassVar[str] = "weight_report"
+    worker_id: str = Field(min_length=1)
+    """Reporting worker."""
+    version: int = Field(ge=0)
+    """Version loaded."""
+    checksum: str
+    """Checksum of the loaded weights."""
+
+
+RunStatus = Literal["pending", "running", "paused", "stopping", "stopped", "completed", "failed"]
+
+
+class RunState(BaseModel):
+    """The run's lifecycle record (a Redis hash beside the streams)."""
+
+    model_config = ConfigDict(extra="forbid")
+    schema_version: Literal[1] = SCHEMA_VERSION
+    run_id: str
+    status: RunStatus = "pending"
+    """Lifecycle state; services follow it."""
+    step: int = Field(0, ge=0)
+    """Training batches consumed."""
+    policy_version: int = Field(0, ge=0)
+    """Current policy version."""
+    created_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
+    error: str | None = None
+    """Why the run failed, when it did."""
+
+
+STREAM_MESSAGES: dict[str, type[Message]] = {
+    "prompts": PromptTask,
+    "rollouts": RolloutGroup,
+    "scored": ScoredGroup,
+    "batches": TrainingBatch,
+    "versions": WeightVersion,
+    "weight_reports": WeightReport,
+}
+"""Which message type each stream of a run carries."""
