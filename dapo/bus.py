@@ -11,11 +11,12 @@ Guarantees of ``RedisBus``:
   left pending for more than ``claim_idle_ms`` (XAUTOCLAIM: a crashed
   consumer's work is not lost).
 - **Ack after downstream**: ``commit``/``publish_and_ack`` add the result
-  downstream, acknowledge the source entries and bump counters in one Lua
-  script, so a crash leaves either all of it or none.
-- **Idempotency**: publishing with a ``dedupe_key`` records the key (SET NX
-  with a TTL) in the same script; a redelivered message republished with the
-  same key adds nothing downstream and counts nothing twice.
+  downstream, acknowledge the source entries and bump counters in one
+  MULTI/EXEC transaction, so a crash leaves either all of it or none.
+- **Idempotency**: publishing with a ``dedupe_key`` records the key (with a
+  TTL) in the same transaction, which WATCHes it: a redelivered message
+  republished with the same key adds nothing downstream and counts nothing
+  twice, even when two consumers race on it.
 - **Dead letters**: an entry that fails to decode (bad fields, unknown schema
   version, invalid message) or that was delivered more than
   ``max_deliveries`` times goes to ``dapo:{run}:dead`` with its original
@@ -43,30 +44,6 @@ from proto.messages import STREAM_MESSAGES, Message
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
-
-_COMMIT_LUA = """
--- KEYS: dest stream | dedupe key | source stream | counters hash   ('' = unused)
--- ARGV: group, dedupe ttl, maxlen, #ids, #counters, ids..., (counter, delta)..., (field, value)...
-local nids, ncnt = tonumber(ARGV[4]), tonumber(ARGV[5])
-local id = false
-local first_field = 6 + nids + 2 * ncnt
-local fresh = true
-if KEYS[2] ~= '' then fresh = redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) end
-if KEYS[1] ~= '' and fresh then
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, first_field))
-end
-if nids > 0 then redis.call('XACK', KEYS[3], ARGV[1], unpack(ARGV, 6, 5 + nids)) end
-if fresh then
-  for i = 0, ncnt - 1 do
-    local at = 6 + nids + 2 * i
-    redis.call('HINCRBY', KEYS[4], ARGV[at], ARGV[at + 1])
-  end
-end
-if id then return id end
-if fresh then return 'ok' end
-return false
-"""
-
 
 class BusSettings(BaseModel):
     maxlen: int = Field(100_000, ge=10)
@@ -126,14 +103,9 @@ class Bus(Protocol):
     def ack(self, delivery: Delivery) -> None: ...
 
     def commit(
-        self,
-        *,
-        stream: str | None = None,
-        msg: Message | None = None,
-        dedupe_key: str | None = None,
-        ack: Sequence[Delivery] = (),
-        counters: Mapping[str, int] | None = None,
-        counters_key: str | None = None,
+        self, *, stream: str | None = None, msg: Message | None = None,
+        dedupe_key: str | None = None, ack: Sequence[Delivery] = (),
+        counters: Mapping[str, int] | None = None, counters_key: str | None = None,
     ) -> str | None: ...
 
     def publish_and_ack(
@@ -164,7 +136,6 @@ class RedisBus:
 
     def __post_init__(self) -> None:
         check_run_id(self.run_id)
-        self._script = self.client.register_script(_COMMIT_LUA)
 
     # -- names -------------------------------------------------------------
     def key(self, stream: str) -> str:
@@ -182,6 +153,57 @@ class RedisBus:
         return "" if dedupe_key is None else run_key(self.run_id, "seen", stream, dedupe_key)
 
     # -- publish -------------------------------------------------------------
+    def _queue(self, pipe, fresh: bool, stream, msg, dedupe, ack, counters, counters_key):
+        """Queue one commit's commands on a MULTI pipeline (``fresh``: key not seen before)."""
+        if msg is not None and fresh:
+            if dedupe:
+                pipe.set(dedupe, 1, ex=self.settings.dedupe_ttl_s)
+            pipe.xadd(self.key(stream), encode(msg), maxlen=self.settings.maxlen,
+                      approximate=True)
+        if ack:
+            pipe.xack(self.key(ack[0].stream), ack[0].group, *(d.entry_id for d in ack))
+        if fresh:
+            for name, delta in (counters or {}).items():
+                pipe.hincrby(counters_key or self.stats_key, name, int(delta))
+
+    def _transaction(self, items: list[tuple]) -> list[str | None]:
+        """Run commits ``(stream, msg, dedupe_key, ack, counters, counters_key)`` as one
+        MULTI/EXEC. Idempotency keys are WATCHed: a concurrent publisher of the same key
+        makes EXEC fail, and the retry then sees the key and publishes nothing."""
+        for _, _, _, ack, _, _ in items:
+            if ack and len({(d.stream, d.group) for d in ack}) != 1:
+                raise ValueError("a commit acknowledges entries of one stream and group")
+        dedupes = [self._dedupe(st, k) if m is not None and k is not None else ""
+                   for st, m, k, _, _, _ in items]
+        watched = [d for d in dedupes if d]
+        with self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    seen = set()
+                    if watched:
+                        pipe.watch(*watched)
+                        # immediate mode between WATCH and MULTI: one round trip for all keys
+                        hits = pipe.mget(watched)
+                        seen = {d for d, hit in zip(watched, hits, strict=True) if hit}
+                    pipe.multi()
+                    marks = []
+                    for (st, m, _, ack, cnt, ckey), d in zip(items, dedupes, strict=True):
+                        fresh = not (d and d in seen)
+                        before = len(pipe.command_stack)
+                        self._queue(pipe, fresh, st, m, d, ack, cnt, ckey)
+                        xadd_at = before + (1 if d else 0) if m is not None and fresh else None
+                        marks.append(xadd_at)
+                    results = pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue
+        out = []
+        for (st, *_), at in zip(items, marks, strict=True):
+            out.append(_s(results[at]) if at is not None else None)
+            if at is not None:
+                self._maybe_trim(st)
+        return out
+
     def commit(
         self,
         *,
@@ -198,29 +220,27 @@ class RedisBus:
         not bumped (the first delivery did that) but the acks still happen.
         Returns the new entry id, or None when nothing was published.
         """
-        if ack and len({(d.stream, d.group) for d in ack}) != 1:
-            raise ValueError("commit acknowledges entries of a single stream and group at a time")
-        publishing = msg is not None and bool(stream)
-        counters = dict(counters or {})
-        args: list = [ack[0].group if ack else "", self.settings.dedupe_ttl_s, self.settings.maxlen]
-        args += [len(ack), len(counters), *(d.entry_id for d in ack)]
-        for name, delta in counters.items():
-            args += [name, int(delta)]
-        if publishing:
-            for name, value in encode(msg).items():
-                args += [name, value]
-        dedupe = self._dedupe(stream, dedupe_key) if dedupe_key is not None else ""
-        keys = [
-            self.key(stream) if publishing else "",
-            dedupe,
-            self.key(ack[0].stream) if ack else "",
-            counters_key or self.stats_key,
-        ]
-        result = self._script(keys=keys, args=args)
-        if not publishing or not result:
-            return None
-        self._maybe_trim(stream)
-        return result.decode()
+        if msg is not None and not stream:
+            raise ValueError("commit: a message needs a stream")
+        return self._transaction([(stream, msg, dedupe_key, list(ack), counters, counters_key)])[0]
+
+    def publish_many(
+        self, stream: str, msgs: Sequence[Message], dedupe_keys: Sequence[str | None] | None = None,
+        acks: Sequence[Delivery | None] | None = None,
+    ) -> list[str | None]:
+        """Several publish(+ack) commits in one round trip, all in one transaction."""
+        dedupe_keys = dedupe_keys or [None] * len(msgs)
+        acks = acks or [None] * len(msgs)
+        items = [(stream, m, k, [d] if d is not None else [], None, None)
+                 for m, k, d in zip(msgs, dedupe_keys, acks, strict=True)]
+        return self._transaction(items) if items else []
+
+    def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        by_source: dict[tuple[str, str], list[str]] = {}
+        for d in deliveries:
+            by_source.setdefault((d.stream, d.group), []).append(d.entry_id)
+        for (stream, group), ids in by_source.items():
+            self.client.xack(self.key(stream), group, *ids)
 
     def publish(self, stream: str, msg: Message, *, dedupe_key: str | None = None) -> str | None:
         """Append ``msg``; returns its entry id, or None if ``dedupe_key`` was seen before."""

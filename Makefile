@@ -1,0 +1,45 @@
+# One-command set-up: every target that needs Python builds .venv itself.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+CONFIG ?= cpu-small
+
+.PHONY: run test test-slow bench lint fmt clean help
+
+help:
+	@echo "make run        train the default task end to end (embedded Redis + 4 services)"
+	@echo "make test       the test suite (CPU, real Redis, real processes)"
+	@echo "make test-slow  the long end-to-end checks"
+	@echo "make bench      benchmarks -> .bench/results.json"
+	@echo "make lint|fmt   ruff"
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/dapo up --config $(CONFIG) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/pytest -q $(ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/pytest -q -m slow $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m bench $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .bench .cache

@@ -1,0 +1,140 @@
+"""``dapo up``: the whole local stack as processes, one training run, before/after eval.
+
+Order: validate the config and the datasets (nothing starts on bad input),
+build the default task if needed, start Redis (embedded unless
+DAPO_REDIS_URL is set), create the run, evaluate the base policy, start the
+four services, wait until each answers /readyz, let them train while showing
+progress, evaluate the final checkpoint, write ``summary.json`` and the
+curves, and stop every process. Ctrl-C asks for a graceful stop: the learner
+writes a final checkpoint, then everything exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from dapo.config import ConfigError, load_run_spec
+from dapo.redis_embed import free_port
+
+SERVICE_ORDER = ("sampler", "reward", "rollout", "learner")
+
+
+@dataclass
+class Proc:
+    kind: str
+    worker_id: str
+    port: int
+    popen: subprocess.Popen
+    log_path: Path
+
+    def healthy(self, path: str = "/readyz") -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+
+@dataclass
+class Stack:
+    redis_url: str
+    run_id: str
+    run_dir: Path
+    threads: int = 1
+    procs: list[Proc] = field(default_factory=list)
+
+    def start(self, kind: str, index: int = 0, extra_env: dict | None = None) -> Proc:
+        port = free_port()
+        worker_id = f"{kind}-{index}"
+        log_path = self.run_dir / "logs" / f"{worker_id}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, DAPO_REDIS_URL=self.redis_url, DAPO_RUN_ID=self.run_id,
+                   DAPO_WORKER_ID=worker_id, DAPO_HEALTH_PORT=str(port),
+                   DAPO_THREADS=str(self.threads), **(extra_env or {}))
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "dapo.cli", "service", kind], env=env,
+            stdout=log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        proc = Proc(kind, worker_id, port, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        pending = list(self.procs)
+        while pending:
+            for p in list(pending):
+                if p.popen.poll() is not None:
+                    raise RuntimeError(f"{p.worker_id} exited during start-up:\n{tail(p.log_path)}")
+                if p.healthy():
+                    pending.remove(p)
+            if time.monotonic() > deadline:
+                names = ", ".join(p.worker_id for p in pending)
+                raise RuntimeError(f"not ready after {timeout_s:.0f}s: {names}")
+            time.sleep(0.3)
+
+    def check_alive(self) -> None:
+        for p in self.procs:
+            code = p.popen.poll()
+            if code not in (None, 0):
+                raise RuntimeError(f"{p.worker_id} died (exit {code}):\n{tail(p.log_path)}")
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        for p in self.procs:
+            if p.popen.poll() is None:
+                p.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for p in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.popen.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            if p.popen.poll() is None:
+                p.popen.kill()
+                p.popen.wait()
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def print_table(procs: list[Proc]) -> None:
+    print(f"{'service':<12}{'pid':>8}{'port':>8}  health")
+    for p in procs:
+        ok = p.healthy("/healthz") and p.healthy("/readyz")
+        print(f"{p.worker_id:<12}{p.popen.pid:>8}{p.port:>8}  {'healthy' if ok else 'NOT READY'}")
+
+
+def up(config: str | None, overrides: list[str], *, rollout_workers: int = 1,
+       skip_eval: bool = False, eval_n: int | None = None) -> int:
+    try:
+        spec = load_run_spec(config, overrides)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    from dapo.run_local import LocalRun
+
+    return LocalRun(spec, rollout_workers=rollout_workers, skip_eval=skip_eval,
+                    eval_n=eval_n).main()
+
+
+def write_config(run_dir: Path, spec) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"),
+                                                        sort_keys=False))
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,66 @@
+"""Hugging Face-format checkpoints that also carry what an exact resume needs.
+
+``<run>/checkpoints/step_000012/`` holds ``model.safetensors`` + ``config.json``
++ tokenizer files (loadable by plain ``AutoModelForCausalLM.from_pretrained``),
+plus ``trainer_state.json`` (step, policy version, optimizer step count) and
+``optimizer.pt``. A checkpoint is written to a temporary folder and renamed
+into place, so a crash never leaves a half-written "newest" checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:06d}"
+
+
+def save_checkpoint(root: Path, step: int, model, tokenizer, trainer_state: dict,
+                    optimizer: torch.optim.Optimizer | None) -> Path:
+    final = checkpoint_dir(root, step)
+    tmp = root / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def newest_checkpoint(root: Path) -> Path | None:
+    if not root.is_dir():
+        return None
+    steps = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / "trainer_state.json").is_file()]
+    return max(steps)[1] if steps else None
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    return json.loads((ckpt / "trainer_state.json").read_text())
+
+
+def read_optimizer_state(ckpt: Path) -> dict | None:
+    path = ckpt / "optimizer.pt"
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Keep the ``keep`` newest checkpoints (0 = keep all)."""
+    if keep <= 0 or not root.is_dir():
+        return
+    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))
+    for _, path in steps[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,124 @@
+"""The learner's loop: batches in, optimizer steps, weights out, checkpoints on disk.
+
+Exactly-once training across crashes: a batch is acknowledged only once a
+checkpoint containing its update is on disk. A restarted learner (same
+consumer name) resumes from the newest checkpoint and is handed back every
+batch it had not yet checkpointed; batches whose id is below the
+checkpoint's step are acknowledged and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dapo.bus import Delivery
+from dapo.keys import run_key
+from dapo.service import ServiceRuntime
+from proto.messages import TrainingBatch, WeightVersion
+from services.learner.checkpoint import prune_checkpoints, save_checkpoint
+from services.learner.metrics import LearnerMetrics
+from services.learner.trainer import Trainer
+
+log = logging.getLogger(__name__)
+CONSUMER = "learner-0"
+
+
+@dataclass
+class LearnerLoop:
+    rt: ServiceRuntime
+    trainer: Trainer
+    tokenizer: object
+    sender: object  # dapo.weightsync.WeightSender
+    run_dir: Path
+    step: int
+    keep_checkpoints: int = 3
+    metrics: LearnerMetrics = field(init=False)
+    held: list[Delivery] = field(default_factory=list)
+    last_ckpt: Path | None = None
+    _ckpt_step: int = -1
+
+    def __post_init__(self) -> None:
+        self.metrics = LearnerMetrics(self.rt.registry)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.metrics_file = self.run_dir / "metrics.jsonl"
+
+    def announce(self, checksum: str, num_bytes: int) -> None:
+        msg = WeightVersion(
+            run_id=self.rt.run_id, version=self.trainer.version, step=self.step,
+            checksum=checksum, num_bytes=num_bytes,
+            checkpoint_dir=str(self.last_ckpt) if self.last_ckpt else None,
+        )
+        self.rt.bus.publish("versions", msg)
+        self.rt.store.update(self.rt.run_id, step=self.step, policy_version=self.trainer.version)
+
+    def broadcast(self) -> None:
+        stats = self.sender.broadcast(self.trainer.version)
+        self.metrics.observe_sync(stats)
+        self.announce(stats.checksum, stats.bytes)
+
+    def checkpoint(self) -> None:
+        self.last_ckpt = save_checkpoint(
+            self.ckpt_root, self.step, self.trainer.model, self.tokenizer,
+            self.trainer.state(), self.trainer.optimizer,
+        )
+        self._ckpt_step = self.step
+        self.sender.publish_checkpoint(self.trainer.version, str(self.last_ckpt))
+        if self.held:
+            self.rt.bus.ack_many(self.held)
+            self.held.clear()
+        prune_checkpoints(self.ckpt_root, self.keep_checkpoints)
+        log.info("checkpoint %s (version %d)", self.last_ckpt.name, self.trainer.version)
+
+    def handle(self, d: Delivery[TrainingBatch]) -> None:
+        batch = d.message
+        if batch.batch_id < self.step:
+            log.info("batch %d already in checkpoint at step %d: skipped", batch.batch_id,
+                     self.step)
+            self.rt.bus.ack(d)
+            return
+        t0 = time.perf_counter()
+        version_before = self.trainer.version
+        figures = self.trainer.train_batch(batch)
+        self.step += 1
+        self.held.append(d)
+        figures.update(step=self.step, batch_id=batch.batch_id, train_s=time.perf_counter() - t0,
+                       time=time.time())
+        if self.trainer.version != version_before:  # weights changed: send them
+            self.broadcast()
+        else:
+            self.rt.store.update(self.rt.run_id, step=self.step)
+        self.metrics.observe_step(figures)
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps(figures) + "\n")
+        log.info(
+            "step %d  loss %.4f  reward %.3f  acc %.3f  kept %.2f  entropy %.3f  lag %.2f  v%d",
+            self.step, figures["loss"], figures["reward_mean"], figures["acc_mean"],
+            figures["kept_ratio"], figures.get("entropy", float("nan")),
+            figures["version_lag"], self.trainer.version,
+        )
+        freq = self.rt.spec.trainer.save_freq
+        if freq and self.step % freq == 0:
+            self.checkpoint()
+
+    def serve(self) -> None:
+        total = self.rt.spec.trainer.total_training_steps
+        while self.step < total and not self.rt.stopping():
+            if self.rt.paused():
+                self.rt.idle(0.5)
+                continue
+            for d in self.rt.bus.consume("batches", "learner", CONSUMER, count=1, block_ms=500,
+                                         reclaim=False):
+                self.handle(d)
+        if self._ckpt_step != self.step:  # also on SIGTERM: nothing trained is lost
+            self.checkpoint()
+        status = self.rt.state(max_age_s=0).status
+        if self.step >= total:
+            self.rt.store.set_status(self.rt.run_id, "completed")
+        elif status == "stopping":
+            self.rt.store.set_status(self.rt.run_id, "stopped")
+        self.rt.client.set(run_key(self.rt.run_id, "final_checkpoint"), str(self.last_ckpt))
+        log.info("learner done at step %d (version %d)", self.step, self.trainer.version)

@@ -1,0 +1,45 @@
+"""Turning a rollout group into a scored group: verifier + soft overlong punishment."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from proto.messages import RolloutGroup, ScoredGroup, ScoredSample
+from proto.runspec import RewardConfig
+from services.reward.overlong import overlong_penalty
+from services.reward.verify import Verdict, verify
+
+
+def score_texts(
+    texts: Sequence[str], ground_truth: str, mode: str, timeout_s: float
+) -> list[Verdict]:
+    return [verify(t, ground_truth, mode=mode, timeout_s=timeout_s) for t in texts]
+
+
+def score_group(
+    group: RolloutGroup,
+    texts: Sequence[str],
+    cfg: RewardConfig,
+    max_response_length: int,
+    scorer: Callable[..., list[Verdict]] = score_texts,
+) -> ScoredGroup:
+    """``texts[i]`` is the decoded response of ``group.samples[i]``."""
+    start = time.perf_counter()
+    verdicts = scorer(texts, group.ground_truth, cfg.mode, cfg.timeout_s)
+    ob = cfg.overlong_buffer
+    samples = []
+    for sample, verdict in zip(group.samples, verdicts, strict=True):
+        length = int(sample.response_ids.size)  # EOS counted when emitted
+        penalty = (
+            overlong_penalty(length, max_response_length, ob.len, ob.penalty_factor)
+            if ob.enable else 0.0
+        )
+        samples.append(ScoredSample(
+            response_ids=sample.response_ids, logprobs=sample.logprobs,
+            finish_reason=sample.finish_reason, score=verdict.score + penalty, acc=verdict.acc,
+            overlong_penalty=min(penalty, 0.0), length=length,
+            truncated=sample.finish_reason == "length", pred=verdict.pred[:200],
+        ))
+    fields = group.model_dump(exclude={"samples"})
+    return ScoredGroup(**fields, samples=samples, reward_seconds=time.perf_counter() - start)

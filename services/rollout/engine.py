@@ -1,0 +1,157 @@
+"""The inference-engine interface of the rollout service, and its result types.
+
+An engine turns tokenised prompts into G sampled completions each and keeps a
+copy of the policy weights that the learner updates in place. Two engines
+implement it: the portable Hugging Face transformers engine (``hf_engine``)
+and vLLM on GPU pods.
+
+Meaning of the recorded log-probs
+---------------------------------
+For every sampled response token ``y_t`` the engine records
+
+    logp_t = log_softmax(logits_t / temperature)[y_t]
+
+where ``logits_t`` are the policy's raw next-token logits given the prompt and
+``y_<t``. This is the temperature-scaled distribution *before* top-k / top-p
+truncation: truncation only decides which tokens may be drawn, it does not
+renormalise the recorded numbers. It is exactly what the learner recomputes
+with a teacher-forced forward pass at the same temperature (verl divides the
+logits by the rollout temperature and takes log_softmax the same way, without
+top-p/top-k), so rollout and learner log-probs agree up to numerics when the
+weights are the same. With ``temperature == 0`` decoding is greedy and the
+recorded log-probs are those of the untempered distribution (temperature 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample the completions of one ``generate`` call."""
+
+    n: int = 1
+    """G: completions per prompt."""
+    temperature: float = 1.0
+    """Logits are divided by this before softmax; 0 means greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus mass in (0, 1]: draw only from the smallest set of most likely tokens holding it."""
+    top_k: int = -1
+    """Draw only from the k most likely tokens; -1 disables it."""
+    max_new_tokens: int = 16
+    """Generation budget per completion, in tokens (an emitted EOS counts)."""
+    seed: int | None = None
+    """Seed of the sampling RNG; None draws fresh randomness on every call."""
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
+        if not self.temperature >= 0.0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k != -1 and self.top_k < 1:
+            raise ValueError(f"SamplingParams.top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(
+                f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}"
+            )
+
+
+@dataclass(frozen=True, eq=False)
+class Completion:
+    """One sampled response to one prompt.
+
+    ``token_ids`` and ``logprobs`` are aligned 1-D arrays of the same length L
+    (1 <= L <= max_new_tokens): ``logprobs[t]`` is the log-prob of
+    ``token_ids[t]`` as defined in the module docstring. When
+    ``finish_reason == "stop"`` the last token is the EOS token that ended the
+    sample (and no EOS occurs before it); when ``"length"`` the budget ran out,
+    L == max_new_tokens and no EOS occurs.
+    """
+
+    token_ids: np.ndarray
+    """(L,) int32 response token ids, prompt excluded."""
+    logprobs: np.ndarray
+    """(L,) float32 log-probs of the sampled tokens under the generating policy."""
+    finish_reason: FinishReason
+
+    def __post_init__(self) -> None:
+        if self.token_ids.ndim != 1 or self.token_ids.dtype != np.int32:
+            raise ValueError(
+                f"Completion.token_ids must be a 1-D int32 array, got "
+                f"{self.token_ids.dtype} with shape {self.token_ids.shape}"
+            )
+        if self.logprobs.dtype != np.float32 or self.logprobs.shape != self.token_ids.shape:
+            raise ValueError(
+                f"Completion.logprobs must be float32 with shape {self.token_ids.shape}, got "
+                f"{self.logprobs.dtype} with shape {self.logprobs.shape}"
+            )
+        if self.finish_reason not in ("stop", "length"):
+            raise ValueError(
+                f"Completion.finish_reason must be 'stop' or 'length', got {self.finish_reason!r}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.token_ids.shape[0])
+
+
+@runtime_checkable
+class InferenceEngine(Protocol):
+    """What the rollout worker needs from an inference engine."""
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """For each prompt (token ids), ``params.n`` completions, in prompt order."""
+        ...
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The policy's parameters, named as in the Hugging Face model (tied ones once)."""
+        ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The Hugging Face model's state_dict (tensors share storage with the engine)."""
+        ...
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy the given tensors into the parameters of the same state_dict names, in place.
+
+        Tensors are converted to the engine's dtype and device; names not in
+        the state_dict and shape mismatches are errors. Parameters not named
+        keep their values, so an update may arrive in several calls.
+        """
+        ...
+
+    def weights_checksum(self) -> str:
+        """``tensors_checksum(self.named_parameters())``: identifies the loaded weights."""
+        ...
+
+
+def tensors_checksum(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """Deterministic hex digest (SHA-256) of names, dtypes, shapes and raw bytes of tensors.
+
+    Tensors are hashed in sorted name order, so iteration order does not
+    matter. The bytes are those of the tensors' own dtype: a bf16 copy and a
+    float32 copy of the same weights have different checksums, so a learner
+    comparing with a rollout engine must cast to the engine's dtype first.
+    Cost is one pass over the bytes (plus a device-to-host copy for GPU
+    tensors): SHA-256 runs at about 2 GB/s on CPUs with SHA instructions
+    (0.5 GB/s without), so 1M float32 parameters take a few milliseconds and
+    100M (400 MB) about 0.2-0.8 s.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
+        flat = tensor.detach().reshape(-1).contiguous().cpu()
+        header = f"{name}|{flat.dtype}|{tuple(tensor.shape)};"
+        digest.update(header.encode())
+        # A uint8 view exposes the raw bytes of any dtype, bf16 included.
+        digest.update(memoryview(flat.view(torch.uint8).numpy()))
+    return digest.hexdigest()

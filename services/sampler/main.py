@@ -1,0 +1,28 @@
+"""Sampler service entry point."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dapo.config import ServiceSettings
+from dapo.models import load_tokenizer
+from dapo.service import ServiceRuntime
+from services.sampler.dataset import load_default_or_files
+from services.sampler.prompts import PromptSource
+from services.sampler.service import serve
+
+
+class SamplerSettings(ServiceSettings):
+    """The sampler runs as exactly one replica per run (its consumer name is fixed)."""
+
+
+def run(settings: SamplerSettings) -> None:
+    with ServiceRuntime("sampler", settings) as rt:
+        rows = load_default_or_files(rt.spec.data.train_files, Path(settings.cache_dir))
+        tokenizer = load_tokenizer(rt.spec.model, settings.cache_dir)
+        serve(rt, PromptSource(rows, tokenizer, rt.spec.data))
+
+
+def main() -> int:
+    run(SamplerSettings.from_env())
+    return 0

@@ -1,0 +1,220 @@
+"""The sampler service: dispatch prompts, filter scored groups, publish training batches.
+
+Its state lives in Redis so a restart loses nothing: the account hash
+``dapo:{run}:account`` doubles as the dataset cursor (``dispatched`` prompts
+so far fixes the epoch and position), and kept groups waiting for a batch stay
+*unacknowledged* in the ``scored`` stream, so a restarted sampler gets them
+back. Every dispatch, filter decision and batch is one atomic bus commit that
+acks its inputs and bumps the account together.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from prometheus_client import Counter, Gauge, Histogram
+
+from dapo.bus import Delivery
+from dapo.keys import run_key
+from dapo.service import ServiceRuntime
+from proto.codec import decode
+from proto.messages import (
+    BatchStats,
+    PromptTask,
+    SamplingSpec,
+    ScoredGroup,
+    TrainingBatch,
+    WeightVersion,
+)
+from proto.runspec import RunSpec
+from services.sampler.batcher import BatchAssembler, check_gen_budget, gen_rounds
+from services.sampler.prompts import PromptSource
+
+log = logging.getLogger(__name__)
+ACCOUNT_FIELDS = (
+    "dispatched", "trained", "filtered_all_correct", "filtered_all_wrong", "dropped_stale",
+    "batches", "prompts_since_batch",
+)
+
+
+def read_account(client, run_id: str) -> dict[str, int]:
+    raw = client.hgetall(run_key(run_id, "account"))
+    acc = {f: 0 for f in ACCOUNT_FIELDS}
+    acc.update({k.decode(): int(v) for k, v in raw.items()})
+    resolved = acc["trained"] + acc["filtered_all_correct"] + acc["filtered_all_wrong"]
+    acc["in_flight"] = acc["dispatched"] - resolved - acc["dropped_stale"]
+    return acc
+
+
+class SamplerMetrics:
+    def __init__(self, registry) -> None:
+        self.groups = Counter("dapo_sampler_groups", "Scored groups by outcome", ["outcome"],
+                              registry=registry)
+        self.dispatched = Counter("dapo_sampler_prompts_dispatched", "Prompt tasks dispatched",
+                                  registry=registry)
+        self.batches = Counter("dapo_sampler_batches", "Training batches published",
+                               registry=registry)
+        self.in_flight = Gauge("dapo_sampler_in_flight", "Prompts dispatched, not resolved",
+                               registry=registry)
+        self.held = Gauge("dapo_sampler_held_groups", "Kept groups waiting for a batch",
+                          registry=registry)
+        self.version_lag = Histogram("dapo_sampler_version_lag", "Published versions since "
+                                     "the group's generating version", buckets=(0, 1, 2, 3, 4, 8),
+                                     registry=registry)
+        self.stream_lag = Gauge("dapo_stream_lag", "Entries not yet delivered to the group",
+                                ["stream", "group"], registry=registry)
+        self.stream_pending = Gauge("dapo_stream_pending", "Delivered, unacknowledged entries",
+                                    ["stream", "group"], registry=registry)
+
+
+@dataclass
+class Sampler:
+    rt: ServiceRuntime
+    spec: RunSpec
+    source: PromptSource
+    metrics: SamplerMetrics
+    consumer: str = "sampler-0"
+    published: list[int] = field(default_factory=lambda: [0])
+    _versions_cursor: str = "0-0"
+    _assembler: BatchAssembler = field(init=False)
+    _stats: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._assembler = BatchAssembler(self.spec.data.train_batch_size, self.spec.algorithm)
+        self._reset_stats()
+
+    @property
+    def account_key(self) -> str:
+        return run_key(self.rt.run_id, "account")
+
+    def account(self) -> dict[str, int]:
+        return read_account(self.rt.client, self.rt.run_id)
+
+    def _reset_stats(self) -> None:
+        self._stats = {k: 0 for k in ("kept", "filtered_all_correct", "filtered_all_wrong",
+                                      "dropped_stale")}
+
+    # -- versions ------------------------------------------------------------
+    def refresh_versions(self) -> None:
+        """Follow the learner's announcements (read without a group: every reader sees all)."""
+        key = self.rt.bus.key("versions")
+        start = "-" if self._versions_cursor == "0-0" else f"({self._versions_cursor}"
+        for entry_id, fields in self.rt.client.xrange(key, min=start):
+            self._versions_cursor = entry_id.decode()
+            v = decode(fields, WeightVersion).version
+            if v > self.published[-1]:
+                self.published.append(v)
+
+    # -- dispatch --------------------------------------------------------------
+    def dispatch(self) -> int:
+        acc = self.account()
+        total = self.spec.trainer.total_training_steps
+        if acc["batches"] >= total:
+            return 0
+        ahead = acc["batches"] - self.rt.state().step
+        if ahead > self.spec.algorithm.max_staleness:
+            return 0  # the learner is behind: more prompts now would only go stale
+        room = self.spec.in_flight_limit - (acc["in_flight"])
+        sent = 0
+        for seq in range(acc["dispatched"], acc["dispatched"] + max(room, 0)):
+            check_gen_budget(acc["prompts_since_batch"] + sent, self.spec.data.train_batch_size,
+                             self.spec.algorithm.filter_groups.max_num_gen_batches)
+            task = self._task(seq)
+            self.rt.bus.commit(stream="prompts", msg=task, dedupe_key=task.group_id,
+                               counters={"dispatched": 1, "prompts_since_batch": 1},
+                               counters_key=self.account_key)
+            sent += 1
+        self.metrics.dispatched.inc(sent)
+        return sent
+
+    def _task(self, seq: int) -> PromptTask:
+        item = self.source.item(seq)
+        ro = self.spec.rollout
+        return PromptTask(
+            run_id=self.rt.run_id, group_id=f"{self.rt.run_id}-{seq}", prompt_id=item.prompt_id,
+            epoch=item.epoch, prompt_text=item.text, prompt_ids=item.token_ids,
+            ground_truth=item.ground_truth, data_source=item.data_source, n=ro.n,
+            sampling=SamplingSpec(temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
+                                  max_new_tokens=self.spec.data.max_response_length),
+            dispatch_version=self.published[-1],
+        )
+
+    # -- scored groups -----------------------------------------------------------
+    def absorb(self, deliveries: list[Delivery[ScoredGroup]]) -> None:
+        for d in deliveries:
+            outcome = self._assembler.offer(d.message, d, self.published)
+            self.metrics.groups.labels(outcome).inc()
+            self.metrics.version_lag.observe(self.published[-1] - d.message.policy_version)
+            self._stats[outcome] += 1
+            if outcome != "kept":
+                self.rt.bus.commit(ack=[d], counters={outcome: 1}, counters_key=self.account_key)
+        for _, d in self._assembler.expire_stale(self.published):
+            self._stats["dropped_stale"] += 1
+            self.metrics.groups.labels("dropped_stale").inc()
+            self.rt.bus.commit(ack=[d], counters={"dropped_stale": 1},
+                               counters_key=self.account_key)
+
+    def maybe_publish_batch(self) -> bool:
+        acc = self.account()
+        if acc["batches"] >= self.spec.trainer.total_training_steps or not self._assembler.ready():
+            return False
+        items = self._assembler.take()
+        groups = [g for g, _ in items]
+        lag = float(np.mean([self.published[-1] - g.policy_version for g in groups]))
+        batch = TrainingBatch(
+            run_id=self.rt.run_id, batch_id=acc["batches"], groups=groups,
+            stats=BatchStats(
+                gen_rounds=gen_rounds(acc["prompts_since_batch"], self.spec.data.train_batch_size),
+                mean_version_lag=max(lag, 0.0), **self._stats,
+            ),
+        )
+        self.rt.bus.commit(
+            stream="batches", msg=batch, dedupe_key=f"batch-{batch.batch_id}",
+            ack=[d for _, d in items], counters_key=self.account_key,
+            counters={"trained": len(groups), "batches": 1,
+                      "prompts_since_batch": -acc["prompts_since_batch"]},
+        )
+        self.metrics.batches.inc()
+        log.info("batch %d published: %d groups, %s", batch.batch_id, len(groups), self._stats)
+        self._reset_stats()
+        return True
+
+    def step(self) -> None:
+        self.refresh_versions()
+        self.dispatch()
+        got = self.rt.bus.consume("scored", "sampler", self.consumer, count=256, block_ms=200,
+                                  reclaim=False)
+        self.absorb(got)
+        while self.maybe_publish_batch():
+            pass
+        self._observe()
+
+    def _observe(self) -> None:
+        acc = self.account()
+        self.metrics.in_flight.set(acc["in_flight"])
+        self.metrics.held.set(len(self._assembler.held))
+        for stream in ("prompts", "rollouts", "scored", "batches"):
+            for group, lag in self.rt.bus.lag(stream).items():
+                self.metrics.stream_lag.labels(stream, group).set(max(lag.lag, 0))
+                self.metrics.stream_pending.labels(stream, group).set(lag.pending)
+
+
+def serve(rt: ServiceRuntime, source: PromptSource) -> None:
+    sampler = Sampler(rt, rt.spec, source, SamplerMetrics(rt.registry))
+    last_log = 0.0
+    while not rt.stopping():
+        if rt.paused():
+            rt.idle(0.5)
+            continue
+        try:
+            sampler.step()
+        except RuntimeError as exc:  # e.g. the dynamic-sampling budget is exhausted
+            log.error("%s", exc)
+            rt.store.set_status(rt.run_id, "failed", error=str(exc))
+            raise
+        if time.monotonic() - last_log > 10:
+            last_log = time.monotonic()
+            log.info("account %s", sampler.account())

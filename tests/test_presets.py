@@ -1,0 +1,86 @@
+"""The ablation presets: valid RunSpecs, paper values, one technique added per row."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from proto.runspec import RunSpec
+
+PRESETS = Path(__file__).resolve().parents[1] / "configs" / "presets"
+
+# (file, paper's AIME 2024 score, the only switch that differs from the previous row)
+ROWS: list[tuple[str, int, dict[str, Any]]] = [
+    ("naive-grpo", 30, {}),
+    ("overlong-filtering", 36, {"actor.overlong_filter": (False, True)}),
+    ("clip-higher", 38, {"actor.clip_ratio_high": (0.2, 0.28)}),
+    ("soft-overlong", 41, {"reward.overlong_buffer.enable": (False, True)}),
+    ("token-level-loss", 42, {"actor.loss_agg_mode": ("seq-mean-token-mean", "token-mean")}),
+    ("dynamic-sampling", 50, {"algorithm.filter_groups.enable": (False, True)}),
+]
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _load(name: str) -> tuple[str, RunSpec]:
+    text = (PRESETS / f"{name}.yaml").read_text()
+    return text, RunSpec.model_validate(yaml.safe_load(text))
+
+
+def test_exactly_the_ablation_files_exist() -> None:
+    assert sorted(p.stem for p in PRESETS.glob("*.yaml")) == sorted(r[0] for r in ROWS)
+
+
+@pytest.mark.parametrize(("name", "score", "_switch"), ROWS)
+def test_preset_is_complete_and_carries_reference_values(name: str, score: int, _switch) -> None:
+    text, spec = _load(name)
+    # every field is written out, so a preset never depends on code defaults
+    assert set(_flatten(yaml.safe_load(text))) == set(_flatten(spec.model_dump()))
+    assert re.search(rf"AIME 2024 score for this row \(avg@32\): {score}\b", text)
+    assert spec.model.path == "Qwen/Qwen2.5-32B"
+    assert spec.data.train_files == ["dapo-math-17k.parquet"]
+    assert spec.data.val_files == ["aime-2024.parquet"]
+    assert spec.data.train_batch_size == 512 and spec.rollout.n == 16
+    assert spec.actor.ppo_mini_batch_size == 32
+    opt = spec.actor.optim
+    assert (opt.lr, opt.lr_warmup_steps, opt.weight_decay, opt.grad_clip) == (1e-6, 20, 0.1, 1.0)
+    assert (spec.rollout.temperature, spec.rollout.top_p) == (1.0, 1.0)
+    assert spec.rollout.val_kwargs.model_dump() == {"temperature": 1.0, "top_p": 0.7, "n": 32}
+    assert spec.data.max_response_length == 20480
+    assert spec.reward.overlong_buffer.len == 4096
+    assert spec.actor.clip_ratio_c == 10.0 and spec.actor.clip_ratio_low == 0.2
+    assert not spec.actor.use_kl_loss and spec.actor.kl_loss_coef == 0.0
+    assert spec.actor.entropy_coeff == 0.0 and spec.actor.tis_imp_ratio_cap is None
+    assert spec.algorithm.filter_groups.metric == "acc"
+
+
+def test_naive_grpo_switches() -> None:
+    _, spec = _load("naive-grpo")
+    assert spec.actor.clip_ratio_high == spec.actor.clip_ratio_low == 0.2
+    assert spec.actor.loss_agg_mode == "seq-mean-token-mean"
+    assert not spec.actor.overlong_filter
+    assert not spec.reward.overlong_buffer.enable
+    assert not spec.algorithm.filter_groups.enable
+
+
+@pytest.mark.parametrize("index", range(1, len(ROWS)))
+def test_each_row_adds_exactly_its_technique(index: int) -> None:
+    prev_name, _, _ = ROWS[index - 1]
+    name, _, switch = ROWS[index]
+    prev = _flatten(_load(prev_name)[1].model_dump())
+    cur = _flatten(_load(name)[1].model_dump())
+    changed = {k: (prev[k], cur[k]) for k in cur if prev[k] != cur[k] and k != "name"}
+    assert changed == switch
