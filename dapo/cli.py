@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-SERVICES = ("rollout", "reward", "sampler", "learner")
+SERVICES = ("rollout", "reward", "sampler", "learner", "api")
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--cache-dir", default=".cache/default-task")
     prep.add_argument("--force", action="store_true")
     prep.set_defaults(func=_cmd_prepare)
+
+    from dapo.client_cli import add_client_commands  # standard library only: stays fast
+
+    add_client_commands(sub)
 
     val = sub.add_parser("validate", help="validate a run spec and print it resolved")
     val.add_argument("--config", "-c", default=None)

@@ -75,17 +75,22 @@ class Trainer:
         with self._autocast():
             out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask)
         rows = torch.arange(len(mb), device=mb.input_ids.device)[:, None]
-        logits = out.logits[rows, mb.resp_pos].float() / self.spec.rollout.temperature  # (B,T,V)
+        logits = out.logits[rows, mb.resp_pos]  # (B, T, V)
+        if logits.dtype in (torch.bfloat16, torch.float16):
+            logits = logits.float()  # softmax statistics in full precision
+        logits = logits / self.spec.rollout.temperature
         logp = token_log_probs(logits, mb.resp_ids)
         return (logp, logits) if with_logits else (logp, None)
 
     @torch.no_grad()
     def _fixed_logp(self, model, packed: PackedSamples) -> torch.Tensor:
-        out = torch.zeros_like(packed.mask)
+        out = None
         size = self.spec.actor.ppo_micro_batch_size
         for rows in micro_batches(torch.arange(len(packed)), size):
             mb = packed.select(rows).to(self.device)
             logp, _ = self.forward_logp(model, mb)
+            if out is None:
+                out = torch.zeros(packed.mask.shape, dtype=logp.dtype)
             out[rows, : logp.shape[1]] = logp.cpu()
         return out
 

@@ -18,7 +18,6 @@ import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
 from dapo.bus import Delivery
-from dapo.keys import run_key
 from dapo.service import ServiceRuntime
 from proto.codec import decode
 from proto.messages import (
@@ -30,25 +29,11 @@ from proto.messages import (
     WeightVersion,
 )
 from proto.runspec import RunSpec
+from services.sampler.account import account_key, read_account
 from services.sampler.batcher import BatchAssembler, check_gen_budget, gen_rounds
 from services.sampler.prompts import PromptSource
 
 log = logging.getLogger(__name__)
-ACCOUNT_FIELDS = (
-    "dispatched", "trained", "filtered_all_correct", "filtered_all_wrong", "dropped_stale",
-    "batches", "prompts_since_batch",
-)
-
-
-def read_account(client, run_id: str) -> dict[str, int]:
-    raw = client.hgetall(run_key(run_id, "account"))
-    acc = {f: 0 for f in ACCOUNT_FIELDS}
-    acc.update({k.decode(): int(v) for k, v in raw.items()})
-    resolved = acc["trained"] + acc["filtered_all_correct"] + acc["filtered_all_wrong"]
-    acc["in_flight"] = acc["dispatched"] - resolved - acc["dropped_stale"]
-    return acc
-
-
 class SamplerMetrics:
     def __init__(self, registry) -> None:
         self.groups = Counter("dapo_sampler_groups", "Scored groups by outcome", ["outcome"],
@@ -88,7 +73,7 @@ class Sampler:
 
     @property
     def account_key(self) -> str:
-        return run_key(self.rt.run_id, "account")
+        return account_key(self.rt.run_id)
 
     def account(self) -> dict[str, int]:
         return read_account(self.rt.client, self.rt.run_id)

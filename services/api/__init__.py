@@ -1,0 +1,1 @@
+"""The control API: start, stop, pause and inspect runs over HTTP (FastAPI)."""
