@@ -27,9 +27,9 @@ class RolloutSettings(ServiceSettings):
 def build_engine(rt: ServiceRuntime, settings: RolloutSettings, device: str):
     spec = rt.spec
     if spec.rollout.engine == "vllm":
-        from services.rollout.vllm_engine import VLLMEngine  # GPU pods only
+        from services.rollout.vllm_engine import build_vllm_engine  # GPU pods only
 
-        return VLLMEngine(rt, settings)
+        return build_vllm_engine(rt, settings)
     from transformers import AutoTokenizer
 
     from services.rollout.hf_engine import HFEngine

@@ -51,6 +51,8 @@ class SamplerMetrics:
                                      registry=registry)
         self.stream_lag = Gauge("dapo_stream_lag", "Entries not yet delivered to the group",
                                 ["stream", "group"], registry=registry)
+        self.dead = Gauge("dapo_dead_letters", "Messages dead-lettered, by source stream",
+                          ["stream"], registry=registry)
         self.stream_pending = Gauge("dapo_stream_pending", "Delivered, unacknowledged entries",
                                     ["stream", "group"], registry=registry)
 
@@ -182,6 +184,7 @@ class Sampler:
         self.metrics.in_flight.set(acc["in_flight"])
         self.metrics.held.set(len(self._assembler.held))
         for stream in ("prompts", "rollouts", "scored", "batches"):
+            self.metrics.dead.labels(stream).set(self.rt.bus.dead_count(stream))
             for group, lag in self.rt.bus.lag(stream).items():
                 self.metrics.stream_lag.labels(stream, group).set(max(lag.lag, 0))
                 self.metrics.stream_pending.labels(stream, group).set(lag.pending)
