@@ -125,9 +125,14 @@ def up(config: str | None, overrides: list[str], *, rollout_workers: int = 1,
         print(exc, file=sys.stderr)
         return 2
     from dapo.run_local import LocalRun
+    from services.sampler.dataset import DatasetError
 
-    return LocalRun(spec, rollout_workers=rollout_workers, skip_eval=skip_eval,
-                    eval_n=eval_n).main()
+    try:
+        return LocalRun(spec, rollout_workers=rollout_workers, skip_eval=skip_eval,
+                        eval_n=eval_n).main()
+    except (DatasetError, FileNotFoundError) as exc:  # bad input: say what and where, no trace
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def write_config(run_dir: Path, spec) -> None:

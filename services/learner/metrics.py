@@ -41,6 +41,8 @@ class LearnerMetrics:
                                       registry=registry)
         self.sync = Histogram("dapo_weight_sync_seconds", "Weight broadcast time by phase",
                               ["phase"], registry=registry)
+        self.sync_failures = Counter("dapo_weight_sync_failures", "Broadcasts abandoned",
+                                     registry=registry)
         self.sync_bytes = Counter("dapo_weight_sync_bytes", "Bytes broadcast", registry=registry)
 
     def observe_step(self, f: dict) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from dapo.bus import Delivery
 from dapo.keys import run_key
 from dapo.service import ServiceRuntime
+from dapo.weightsync import WeightSyncError
 from proto.messages import TrainingBatch, WeightVersion
 from services.learner.checkpoint import prune_checkpoints, save_checkpoint
 from services.learner.metrics import LearnerMetrics
@@ -56,7 +57,15 @@ class LearnerLoop:
         self.rt.store.update(self.rt.run_id, step=self.step, policy_version=self.trainer.version)
 
     def broadcast(self) -> None:
-        stats = self.sender.broadcast(self.trainer.version)
+        """Send the weights; a worker that died mid-transfer only costs this round."""
+        try:
+            stats = self.sender.broadcast(self.trainer.version)
+        except WeightSyncError as exc:
+            log.warning("weight broadcast of version %d failed: %s (workers catch up at the "
+                        "next one)", self.trainer.version, exc)
+            self.metrics.sync_failures.inc()
+            self.announce("", 0)
+            return
         self.metrics.observe_sync(stats)
         self.announce(stats.checksum, stats.bytes)
 

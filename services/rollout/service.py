@@ -17,6 +17,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from dapo.bus import Delivery
 from dapo.service import ServiceRuntime
+from dapo.weightsync import WeightSyncError
 from proto.messages import PromptTask, RolloutGroup, Sample
 from services.rollout.engine import InferenceEngine, SamplingParams
 
@@ -59,7 +60,11 @@ class RolloutWorker:
 
     def apply_pending_weights(self) -> None:
         t0 = time.perf_counter()
-        new_version = self.receiver.poll()
+        try:
+            new_version = self.receiver.poll()
+        except WeightSyncError as exc:  # the next update carries the full weights again
+            log.warning("weight update failed: %s", exc)
+            return
         if new_version is not None:
             self.version = new_version
             self.metrics.version.set(new_version)
