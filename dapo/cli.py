@@ -39,8 +39,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
     from dapo.task import prepare_default_task
 
-    task = prepare_default_task(Path(args.cache_dir), force=args.force)
-    print(f"default task ready in {args.cache_dir}: model {task.model_dir}")
+    task = prepare_default_task(Path(args.cache_dir) if args.cache_dir else None, force=args.force)
+    print(f"default task ready: model {task.model_dir} ({task.num_parameters:,} parameters, "
+          f"base held-out accuracy {task.base_accuracy:.1%})")
     return 0
 
 
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_cmd_eval)
 
     prep = sub.add_parser("prepare", help="build the embedded default task (tiny model + data)")
-    prep.add_argument("--cache-dir", default=".cache/default-task")
+    prep.add_argument("--cache-dir", default="", help="default: the repository's .cache/")
     prep.add_argument("--force", action="store_true")
     prep.set_defaults(func=_cmd_prepare)
 

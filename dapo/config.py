@@ -146,8 +146,8 @@ class ServiceSettings(BaseSettings):
     """Torch device for services that run a model."""
     threads: int = Field(0, ge=0)
     """Torch/worker threads (0 = library default)."""
-    cache_dir: str = ".cache/default-task"
-    """Where the embedded default task (tiny model + data) is built and cached."""
+    cache_dir: str = ""
+    """Where the embedded default task is built and cached ("" = the repository's .cache/)."""
 
     @classmethod
     def from_env(cls, **overrides):

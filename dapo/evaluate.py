@@ -96,13 +96,11 @@ def evaluate_model_dir(model_dir, rows, spec: EvalSpec, *, device: str = "cpu",
 
 def main(args) -> int:
     """``dapo eval``: see ``dapo eval --help``."""
-    from pathlib import Path
-
-    from services.sampler.dataset import load_default_or_files
 
     from dapo.models import pick_device
+    from services.sampler.dataset import load_default_or_files
 
-    rows = load_default_or_files([args.data], Path(".cache/default-task"))
+    rows = load_default_or_files([args.data], None, split="val")
     if args.limit:
         rows = rows[: args.limit]
     spec = EvalSpec(n=args.n, temperature=args.temperature, top_p=args.top_p,

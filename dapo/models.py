@@ -9,12 +9,14 @@ from proto.runspec import ModelConfig
 DEFAULT_TASK = "default-task"
 
 
-def resolve_model_dir(cfg: ModelConfig, cache_dir: str | Path) -> Path:
+def resolve_model_dir(cfg: ModelConfig, cache_dir: str | Path | None,
+                      progress: bool = False) -> Path:
     """The model directory; ``default-task`` is the embedded tiny model (built if missing)."""
     if cfg.path == DEFAULT_TASK:
         from dapo.task import prepare_default_task
 
-        return Path(prepare_default_task(Path(cache_dir), progress=False).model_dir)
+        root = Path(cache_dir) if cache_dir else None
+        return Path(prepare_default_task(root, progress=progress).model_dir)
     path = Path(cfg.path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
@@ -24,7 +26,7 @@ def resolve_model_dir(cfg: ModelConfig, cache_dir: str | Path) -> Path:
     return path
 
 
-def load_tokenizer(cfg: ModelConfig, cache_dir: str | Path):
+def load_tokenizer(cfg: ModelConfig, cache_dir: str | Path | None):
     from transformers import AutoTokenizer
 
     path = cfg.tokenizer_path or resolve_model_dir(cfg, cache_dir)

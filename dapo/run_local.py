@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.sampler.dataset import load_default_or_files
 from tqdm import tqdm
 
 from dapo.bus import connect
@@ -21,8 +20,9 @@ from dapo.plots import plot_run, read_metrics
 from dapo.redis_embed import EmbeddedRedis
 from dapo.runs import RunStore
 from proto.runspec import RunSpec
+from services.sampler.dataset import load_default_or_files
 
-CACHE_DIR = Path(os.environ.get("DAPO_CACHE_DIR", ".cache/default-task"))
+CACHE_DIR = os.environ.get("DAPO_CACHE_DIR") or None  # None: the repository's .cache/
 
 
 @dataclass
@@ -46,9 +46,12 @@ class LocalRun:
 
     def prepare(self) -> Path:
         """Everything that can reject the run, before any process starts."""
-        model_dir = resolve_model_dir(self.spec.model, CACHE_DIR)
-        load_default_or_files(self.spec.data.train_files, CACHE_DIR)  # row errors surface here
-        self.val_rows = load_default_or_files(self.spec.data.val_files, CACHE_DIR)
+        model_dir = resolve_model_dir(self.spec.model, CACHE_DIR, progress=True)
+        key = self.spec.data.prompt_key
+        # every row is validated here, so a bad one stops the run before anything starts
+        load_default_or_files(self.spec.data.train_files, CACHE_DIR, prompt_key=key)
+        self.val_rows = load_default_or_files(self.spec.data.val_files, CACHE_DIR, split="val",
+                                              prompt_key=key)
         return model_dir
 
     def main(self) -> int:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from dapo.config import ServiceSettings
 from dapo.models import load_tokenizer
 from dapo.service import ServiceRuntime
@@ -18,7 +16,8 @@ class SamplerSettings(ServiceSettings):
 
 def run(settings: SamplerSettings) -> None:
     with ServiceRuntime("sampler", settings) as rt:
-        rows = load_default_or_files(rt.spec.data.train_files, Path(settings.cache_dir))
+        rows = load_default_or_files(rt.spec.data.train_files, settings.cache_dir or None,
+                                     prompt_key=rt.spec.data.prompt_key)
         tokenizer = load_tokenizer(rt.spec.model, settings.cache_dir)
         serve(rt, PromptSource(rows, tokenizer, rt.spec.data))
 
