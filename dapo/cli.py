@@ -45,6 +45,15 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dapo.plots import plot_run
+
+    print(plot_run(Path(args.run_dir)))
+    return 0
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from dapo.config import ConfigError, load_run_spec
 
@@ -105,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     from dapo.client_cli import add_client_commands  # standard library only: stays fast
 
     add_client_commands(sub)
+
+    plot = sub.add_parser("plot", help="re-render a run folder's curves (curves.png)")
+    plot.add_argument("run_dir")
+    plot.set_defaults(func=_cmd_plot)
 
     val = sub.add_parser("validate", help="validate a run spec and print it resolved")
     val.add_argument("--config", "-c", default=None)

@@ -60,7 +60,7 @@ class Stack:
         log_path = self.run_dir / "logs" / f"{worker_id}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, DAPO_REDIS_URL=self.redis_url, DAPO_RUN_ID=self.run_id,
-                   DAPO_WORKER_ID=worker_id, DAPO_HEALTH_PORT=str(port),
+                   DAPO_WORKER_ID=worker_id, DAPO_HEALTH_PORT=str(port), DAPO_PORT=str(port),
                    DAPO_THREADS=str(self.threads), **(extra_env or {}))
         popen = subprocess.Popen(
             [sys.executable, "-m", "dapo.cli", "service", kind], env=env,

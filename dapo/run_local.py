@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -97,8 +98,14 @@ class LocalRun:
         for kind in SERVICE_ORDER:
             for i in range(self.rollout_workers if kind == "rollout" else 1):
                 services.start(kind, i)
+        token = secrets.token_urlsafe(24)
+        token_file = services.run_dir / "api_token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(token + "\n")
+        api = services.start("api", extra_env={"DAPO_API_TOKEN": token})
         services.wait_ready()
         print_table(services.procs)
+        print(f"control API: http://127.0.0.1:{api.port}  (bearer token in {token_file})")
 
     def _follow(self, store: RunStore, services: Stack, run_id: str, run_dir: Path) -> None:
         total = self.spec.trainer.total_training_steps

@@ -63,7 +63,7 @@ def small_spec(model_dir: Path, data: Path, runs_dir: Path, **sections) -> RunSp
                  "max_prompt_length": 32, "max_response_length": 8},
         "rollout": {"n": 4},
         "actor": {"ppo_mini_batch_size": 2, "ppo_micro_batch_size": 8,
-                  "optim": {"lr": 1e-3, "lr_warmup_steps": 0}},
+                  "optim": {"lr": 1e-5, "lr_warmup_steps": 0}},
         "algorithm": {"filter_groups": {"metric": "score"}, "max_staleness": 1},
         "reward": {"overlong_buffer": {"len": 6, "penalty_factor": 1.0}},
         "trainer": {"total_training_steps": 3, "save_freq": 1, "runs_dir": str(runs_dir)},
