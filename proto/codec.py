@@ -18,7 +18,7 @@ import json
 from typing import Any, TypeVar
 
 import numpy as np
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from proto.messages import SCHEMA_VERSION, Message
 
@@ -35,14 +35,15 @@ class UnknownSchemaVersion(DecodeError):
     """The entry was written with a schema version this consumer does not know."""
 
 
-def _pack(value: Any, chunks: list[bytes], offset: list[int]) -> Any:
+def _pack(value: Any, chunks: list[np.ndarray], offset: list[int]) -> Any:
     if isinstance(value, np.ndarray):
         arr = value if value.dtype.byteorder != ">" else value.astype(value.dtype.newbyteorder("<"))
-        raw = arr.tobytes()
         ref = {_REF: [arr.dtype.str, offset[0], int(arr.size)]}
-        chunks.append(raw)
-        offset[0] += len(raw)
+        chunks.append(arr)
+        offset[0] += arr.nbytes
         return ref
+    if isinstance(value, BaseModel):  # walk fields directly: no model_dump copy
+        return {k: _pack(v, chunks, offset) for k, v in value.__dict__.items()}
     if isinstance(value, dict):
         return {k: _pack(v, chunks, offset) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -62,23 +63,30 @@ def _unpack(value: Any, blob: bytes) -> Any:
     return value
 
 
-def encode(msg: Message) -> dict[str, bytes]:
+def encode(msg: Message) -> dict[str, bytes | memoryview]:
     """Message -> stream fields."""
-    chunks: list[bytes] = []
-    header = _pack(msg.model_dump(mode="python"), chunks, [0])
+    chunks: list[np.ndarray] = []
+    size = [0]
+    header = _pack(msg, chunks, size)
+    # one allocation for the whole payload, each array copied once, straight into it
+    blob = np.empty(size[0], dtype=np.uint8)
+    at = 0
+    for arr in chunks:
+        blob[at : at + arr.nbytes] = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+        at += arr.nbytes
     return {
         "v": str(msg.schema_version).encode(),
         "k": msg.kind.encode(),
         "h": json.dumps(header, separators=(",", ":")).encode(),
-        "b": b"".join(chunks),
+        "b": memoryview(blob),
     }
 
 
-def _field(fields: dict, name: str) -> bytes:
+def _field(fields: dict, name: str) -> bytes | memoryview:
     value = fields.get(name.encode(), fields.get(name))
     if value is None:
         raise DecodeError(f"entry has no '{name}' field (fields: {sorted(map(str, fields))})")
-    return value if isinstance(value, bytes) else str(value).encode()
+    return value if isinstance(value, bytes | bytearray | memoryview) else str(value).encode()
 
 
 def decode(fields: dict, expected: type[M]) -> M:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
-from dapo.weightsync import WeightSender
 from pydantic import Field
 
 from dapo.config import ServiceSettings
 from dapo.models import load_tokenizer, pick_device, resolve_model_dir
 from dapo.service import ServiceRuntime
+from dapo.weightsync import WeightSender
 from services.learner.checkpoint import newest_checkpoint, read_optimizer_state, read_trainer_state
 from services.learner.service import LearnerLoop
 from services.learner.trainer import Trainer
@@ -43,7 +44,19 @@ def load_model(spec, settings, run_dir: Path, device: str):
     return model, ref, ckpt
 
 
+def check_single_process() -> None:
+    """Sharding the learner across GPUs (FSDP under torchrun) is not implemented: refuse a
+    multi-process launch clearly instead of starting several uncoordinated learners."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise SystemExit(
+            f"the learner runs as one process (WORLD_SIZE={world}); multi-GPU FSDP is not "
+            "supported yet: launch it with --nproc_per_node=1 (Helm: learner.gpus: 1)"
+        )
+
+
 def run(settings: LearnerSettings) -> None:
+    check_single_process()
     if settings.threads:
         torch.set_num_threads(settings.threads)
     with ServiceRuntime("learner", settings) as rt:

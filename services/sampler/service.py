@@ -101,7 +101,7 @@ class Sampler:
         total = self.spec.trainer.total_training_steps
         if acc["batches"] >= total:
             return 0
-        ahead = acc["batches"] - self.rt.state().step
+        ahead = acc["batches"] - self.rt.state(max_age_s=0.05).step
         if ahead > self.spec.algorithm.max_staleness:
             return 0  # the learner is behind: more prompts now would only go stale
         room = self.spec.in_flight_limit - (acc["in_flight"])
