@@ -33,7 +33,9 @@ def main(argv: list[str]) -> int:
         print(f"   ({time.perf_counter() - start:.1f} s)", flush=True)
         RESULTS.parent.mkdir(exist_ok=True)
         RESULTS.write_text(json.dumps(dict(sorted(results.items())), indent=2) + "\n")
-    print(f"\nwrote {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS}")
+    print(
+        f"\nwrote {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS}"
+    )
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1

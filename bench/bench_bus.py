@@ -26,13 +26,24 @@ G, TOKENS, N_GROUPS, BATCH = 16, 4096, 192, 16
 def make_group(i: int = 0) -> RolloutGroup:
     rng = np.random.default_rng(i)
     samples = [
-        Sample(response_ids=rng.integers(0, 150_000, TOKENS, dtype=np.int32),
-               logprobs=-rng.random(TOKENS, dtype=np.float32), finish_reason="length")
+        Sample(
+            response_ids=rng.integers(0, 150_000, TOKENS, dtype=np.int32),
+            logprobs=-rng.random(TOKENS, dtype=np.float32),
+            finish_reason="length",
+        )
         for _ in range(G)
     ]
     return RolloutGroup(
-        run_id="bench", group_id=f"g{i}", prompt_id="p", prompt_ids=np.arange(256, dtype=np.int32),
-        ground_truth="1", n=G, policy_version=0, worker_id="w", engine="hf", gen_seconds=0.0,
+        run_id="bench",
+        group_id=f"g{i}",
+        prompt_id="p",
+        prompt_ids=np.arange(256, dtype=np.int32),
+        ground_truth="1",
+        n=G,
+        policy_version=0,
+        worker_id="w",
+        engine="hf",
+        gen_seconds=0.0,
         samples=samples,
     )
 

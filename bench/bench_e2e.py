@@ -28,10 +28,15 @@ STEPS_RATIO = int(os.environ.get("DAPO_BENCH_RATIO_STEPS", "80"))
 
 
 def train(steps: int, runs_dir: Path, save_freq: int, staleness: int) -> tuple[Path, dict]:
-    spec = load_run_spec("cpu-small", [
-        f"trainer.total_training_steps={steps}", f"trainer.save_freq={save_freq}",
-        f"trainer.runs_dir={runs_dir}", f"algorithm.max_staleness={staleness}",
-    ])
+    spec = load_run_spec(
+        "cpu-small",
+        [
+            f"trainer.total_training_steps={steps}",
+            f"trainer.save_freq={save_freq}",
+            f"trainer.runs_dir={runs_dir}",
+            f"algorithm.max_staleness={staleness}",
+        ],
+    )
     os.environ["DAPO_KEEP_CHECKPOINTS"] = "0"  # keep every checkpoint for the evaluation
     assert LocalRun(spec, skip_eval=True).main() == 0
     run_dir = max(runs_dir.iterdir(), key=lambda p: p.stat().st_mtime)
@@ -50,8 +55,9 @@ def seconds_to(run_dir: Path, target: float) -> float:
     ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
     for ckpt in ckpts:
         step = int(ckpt.name.split("_")[1])
-        acc = evaluate_model_dir(ckpt, rows, EvalSpec(n=2, top_p=1.0, max_new_tokens=16),
-                                 progress=False)["acc/mean@2"]
+        acc = evaluate_model_dir(
+            ckpt, rows, EvalSpec(n=2, top_p=1.0, max_new_tokens=16), progress=False
+        )["acc/mean@2"]
         print(f"   step {step:4d}  t={times.get(step, 0):6.1f}s  held-out acc {acc:.3f}")
         if acc >= target:
             return times[step]
@@ -73,8 +79,8 @@ def run() -> dict[str, float]:
     }
     _, sync = train(STEPS_RATIO, root / "onpolicy", 0, 0)
     _, asyn = train(STEPS_RATIO, root / "async-short", 0, 1)
-    result["sync.ratio_async_vs_onpolicy"] = (
-        samples_per_s(asyn, per_step) / samples_per_s(sync, per_step)
+    result["sync.ratio_async_vs_onpolicy"] = samples_per_s(asyn, per_step) / samples_per_s(
+        sync, per_step
     )
     result["e2e.onpolicy_samples_per_s"] = samples_per_s(sync, per_step)
     return result

@@ -45,6 +45,7 @@ from proto.messages import STREAM_MESSAGES, Message
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
 
+
 class BusSettings(BaseModel):
     maxlen: int = Field(100_000, ge=10)
     """Hard cap on a stream's length (approximate trim); normal trimming is by acknowledgement."""
@@ -103,9 +104,14 @@ class Bus(Protocol):
     def ack(self, delivery: Delivery) -> None: ...
 
     def commit(
-        self, *, stream: str | None = None, msg: Message | None = None,
-        dedupe_key: str | None = None, ack: Sequence[Delivery] = (),
-        counters: Mapping[str, int] | None = None, counters_key: str | None = None,
+        self,
+        *,
+        stream: str | None = None,
+        msg: Message | None = None,
+        dedupe_key: str | None = None,
+        ack: Sequence[Delivery] = (),
+        counters: Mapping[str, int] | None = None,
+        counters_key: str | None = None,
     ) -> str | None: ...
 
     def publish_and_ack(
@@ -158,8 +164,7 @@ class RedisBus:
         if msg is not None and fresh:
             if dedupe:
                 pipe.set(dedupe, 1, ex=self.settings.dedupe_ttl_s)
-            pipe.xadd(self.key(stream), encode(msg), maxlen=self.settings.maxlen,
-                      approximate=True)
+            pipe.xadd(self.key(stream), encode(msg), maxlen=self.settings.maxlen, approximate=True)
         if ack:
             pipe.xack(self.key(ack[0].stream), ack[0].group, *(d.entry_id for d in ack))
         if fresh:
@@ -173,8 +178,10 @@ class RedisBus:
         for _, _, _, ack, _, _ in items:
             if ack and len({(d.stream, d.group) for d in ack}) != 1:
                 raise ValueError("a commit acknowledges entries of one stream and group")
-        dedupes = [self._dedupe(st, k) if m is not None and k is not None else ""
-                   for st, m, k, _, _, _ in items]
+        dedupes = [
+            self._dedupe(st, k) if m is not None and k is not None else ""
+            for st, m, k, _, _, _ in items
+        ]
         watched = [d for d in dedupes if d]
         with self.client.pipeline(transaction=True) as pipe:
             while True:
@@ -225,14 +232,19 @@ class RedisBus:
         return self._transaction([(stream, msg, dedupe_key, list(ack), counters, counters_key)])[0]
 
     def publish_many(
-        self, stream: str, msgs: Sequence[Message], dedupe_keys: Sequence[str | None] | None = None,
+        self,
+        stream: str,
+        msgs: Sequence[Message],
+        dedupe_keys: Sequence[str | None] | None = None,
         acks: Sequence[Delivery | None] | None = None,
     ) -> list[str | None]:
         """Several publish(+ack) commits in one round trip, all in one transaction."""
         dedupe_keys = dedupe_keys or [None] * len(msgs)
         acks = acks or [None] * len(msgs)
-        items = [(stream, m, k, [d] if d is not None else [], None, None)
-                 for m, k, d in zip(msgs, dedupe_keys, acks, strict=True)]
+        items = [
+            (stream, m, k, [d] if d is not None else [], None, None)
+            for m, k, d in zip(msgs, dedupe_keys, acks, strict=True)
+        ]
         return self._transaction(items) if items else []
 
     def ack_many(self, deliveries: Sequence[Delivery]) -> None:

@@ -13,8 +13,13 @@ SERVICES = ("rollout", "reward", "sampler", "learner", "api")
 def _cmd_up(args: argparse.Namespace) -> int:
     from dapo.launcher import up
 
-    return up(args.config, args.overrides, rollout_workers=args.rollout_workers,
-              skip_eval=args.skip_eval, eval_n=args.eval_n)
+    return up(
+        args.config,
+        args.overrides,
+        rollout_workers=args.rollout_workers,
+        skip_eval=args.skip_eval,
+        eval_n=args.eval_n,
+    )
 
 
 def _cmd_service(args: argparse.Namespace) -> int:
@@ -40,8 +45,10 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from dapo.task import prepare_default_task
 
     task = prepare_default_task(Path(args.cache_dir) if args.cache_dir else None, force=args.force)
-    print(f"default task ready: model {task.model_dir} ({task.num_parameters:,} parameters, "
-          f"base held-out accuracy {task.base_accuracy:.1%})")
+    print(
+        f"default task ready: model {task.model_dir} ({task.num_parameters:,} parameters, "
+        f"base held-out accuracy {task.base_accuracy:.1%})"
+    )
     return 0
 
 
@@ -85,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     svc.add_argument("name", choices=SERVICES)
     svc.set_defaults(func=_cmd_service)
 
-    score = sub.add_parser("score", help="score JSONL responses with the reward verifier",
-                           add_help=False)
+    score = sub.add_parser(
+        "score", help="score JSONL responses with the reward verifier", add_help=False
+    )
     score.add_argument("rest", nargs=argparse.REMAINDER)
     score.set_defaults(func=_cmd_score)
 

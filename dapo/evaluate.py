@@ -31,20 +31,33 @@ class EvalSpec:
     seed: int = 0
 
 
-def evaluate(engine, tokenizer, rows, prompts_ids: list[list[int]], spec: EvalSpec,
-             progress: bool = True, desc: str = "eval") -> dict[str, float]:
+def evaluate(
+    engine,
+    tokenizer,
+    rows,
+    prompts_ids: list[list[int]],
+    spec: EvalSpec,
+    progress: bool = True,
+    desc: str = "eval",
+) -> dict[str, float]:
     """``rows[i]`` (a dataset PromptRow) was rendered and tokenised into ``prompts_ids[i]``."""
     t0 = time.perf_counter()
     correct = best = maj = total_len = truncated = 0
     bar = tqdm(total=len(rows), desc=desc, unit="problem", disable=not progress, leave=False)
     for start in range(0, len(rows), spec.batch):
         chunk = slice(start, start + spec.batch)
-        params = SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p,
-                                max_new_tokens=spec.max_new_tokens, seed=spec.seed + start)
+        params = SamplingParams(
+            n=spec.n,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            max_new_tokens=spec.max_new_tokens,
+            seed=spec.seed + start,
+        )
         outs = engine.generate(prompts_ids[chunk], params)
         for row, completions in zip(rows[chunk], outs, strict=True):
-            texts = tokenizer.batch_decode([c.token_ids.tolist() for c in completions],
-                                           skip_special_tokens=True)
+            texts = tokenizer.batch_decode(
+                [c.token_ids.tolist() for c in completions], skip_special_tokens=True
+            )
             verdicts = [verify(t, row.ground_truth, mode=spec.mode) for t in texts]
             n_ok = sum(v.acc for v in verdicts)
             correct += n_ok
@@ -74,16 +87,25 @@ def prepare_prompts(rows, tokenizer, template: str, apply_chat_template: bool) -
     from services.sampler.dataset import render_prompt
 
     return [
-        tokenizer.encode(render_prompt(r, tokenizer, template=template,
-                                       apply_chat_template=apply_chat_template),
-                         add_special_tokens=False)
+        tokenizer.encode(
+            render_prompt(r, tokenizer, template=template, apply_chat_template=apply_chat_template),
+            add_special_tokens=False,
+        )
         for r in rows
     ]
 
 
-def evaluate_model_dir(model_dir, rows, spec: EvalSpec, *, device: str = "cpu",
-                       template: str = "none", apply_chat_template: bool = True,
-                       progress: bool = True, desc: str = "eval") -> dict[str, float]:
+def evaluate_model_dir(
+    model_dir,
+    rows,
+    spec: EvalSpec,
+    *,
+    device: str = "cpu",
+    template: str = "none",
+    apply_chat_template: bool = True,
+    progress: bool = True,
+    desc: str = "eval",
+) -> dict[str, float]:
     from transformers import AutoTokenizer
 
     from services.rollout.hf_engine import HFEngine
@@ -103,11 +125,18 @@ def main(args) -> int:
     rows = load_default_or_files([args.data], None, split="val")
     if args.limit:
         rows = rows[: args.limit]
-    spec = EvalSpec(n=args.n, temperature=args.temperature, top_p=args.top_p,
-                    max_new_tokens=args.max_new_tokens, batch=args.batch, mode=args.mode,
-                    seed=args.seed)
-    figures = evaluate_model_dir(args.model, rows, spec, device=pick_device(args.device),
-                                 template=args.template)
+    spec = EvalSpec(
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        batch=args.batch,
+        mode=args.mode,
+        seed=args.seed,
+    )
+    figures = evaluate_model_dir(
+        args.model, rows, spec, device=pick_device(args.device), template=args.template
+    )
     if args.json:
         print(json.dumps(figures, indent=2))
     else:

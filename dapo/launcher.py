@@ -59,12 +59,22 @@ class Stack:
         worker_id = f"{kind}-{index}"
         log_path = self.run_dir / "logs" / f"{worker_id}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, DAPO_REDIS_URL=self.redis_url, DAPO_RUN_ID=self.run_id,
-                   DAPO_WORKER_ID=worker_id, DAPO_HEALTH_PORT=str(port), DAPO_PORT=str(port),
-                   DAPO_THREADS=str(self.threads), **(extra_env or {}))
+        env = dict(
+            os.environ,
+            DAPO_REDIS_URL=self.redis_url,
+            DAPO_RUN_ID=self.run_id,
+            DAPO_WORKER_ID=worker_id,
+            DAPO_HEALTH_PORT=str(port),
+            DAPO_PORT=str(port),
+            DAPO_THREADS=str(self.threads),
+            **(extra_env or {}),
+        )
         popen = subprocess.Popen(
-            [sys.executable, "-m", "dapo.cli", "service", kind], env=env,
-            stdout=log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", "dapo.cli", "service", kind],
+            env=env,
+            stdout=log_path.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         proc = Proc(kind, worker_id, port, popen, log_path)
         self.procs.append(proc)
@@ -117,8 +127,14 @@ def print_table(procs: list[Proc]) -> None:
         print(f"{p.worker_id:<12}{p.popen.pid:>8}{p.port:>8}  {'healthy' if ok else 'NOT READY'}")
 
 
-def up(config: str | None, overrides: list[str], *, rollout_workers: int = 1,
-       skip_eval: bool = False, eval_n: int | None = None) -> int:
+def up(
+    config: str | None,
+    overrides: list[str],
+    *,
+    rollout_workers: int = 1,
+    skip_eval: bool = False,
+    eval_n: int | None = None,
+) -> int:
     try:
         spec = load_run_spec(config, overrides)
     except ConfigError as exc:
@@ -128,8 +144,9 @@ def up(config: str | None, overrides: list[str], *, rollout_workers: int = 1,
     from services.sampler.dataset import DatasetError
 
     try:
-        return LocalRun(spec, rollout_workers=rollout_workers, skip_eval=skip_eval,
-                        eval_n=eval_n).main()
+        return LocalRun(
+            spec, rollout_workers=rollout_workers, skip_eval=skip_eval, eval_n=eval_n
+        ).main()
     except (DatasetError, FileNotFoundError) as exc:  # bad input: say what and where, no trace
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -137,8 +154,9 @@ def up(config: str | None, overrides: list[str], *, rollout_workers: int = 1,
 
 def write_config(run_dir: Path, spec) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"),
-                                                        sort_keys=False))
+    (run_dir / "config.yaml").write_text(
+        yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    )
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:

@@ -9,8 +9,9 @@ from proto.runspec import ModelConfig
 DEFAULT_TASK = "default-task"
 
 
-def resolve_model_dir(cfg: ModelConfig, cache_dir: str | Path | None,
-                      progress: bool = False) -> Path:
+def resolve_model_dir(
+    cfg: ModelConfig, cache_dir: str | Path | None, progress: bool = False
+) -> Path:
     """The model directory; ``default-task`` is the embedded tiny model (built if missing)."""
     if cfg.path == DEFAULT_TASK:
         from dapo.task import prepare_default_task

@@ -35,15 +35,26 @@ class LocalRun:
 
     def eval_spec(self) -> EvalSpec:
         vk = self.spec.rollout.val_kwargs
-        return EvalSpec(n=self.eval_n or vk.n, temperature=vk.temperature, top_p=vk.top_p,
-                        max_new_tokens=self.spec.data.max_response_length,
-                        mode=self.spec.reward.mode, seed=self.spec.data.seed)
+        return EvalSpec(
+            n=self.eval_n or vk.n,
+            temperature=vk.temperature,
+            top_p=vk.top_p,
+            max_new_tokens=self.spec.data.max_response_length,
+            mode=self.spec.reward.mode,
+            seed=self.spec.data.seed,
+        )
 
     def evaluate(self, model_dir: Path, desc: str) -> dict[str, float]:
         d = self.spec.data
-        return evaluate_model_dir(model_dir, self.val_rows, self.eval_spec(),
-                                  device=pick_device("auto"), template=d.prompt_template,
-                                  apply_chat_template=d.apply_chat_template, desc=desc)
+        return evaluate_model_dir(
+            model_dir,
+            self.val_rows,
+            self.eval_spec(),
+            device=pick_device("auto"),
+            template=d.prompt_template,
+            apply_chat_template=d.apply_chat_template,
+            desc=desc,
+        )
 
     def prepare(self) -> Path:
         """Everything that can reject the run, before any process starts."""
@@ -51,8 +62,9 @@ class LocalRun:
         key = self.spec.data.prompt_key
         # every row is validated here, so a bad one stops the run before anything starts
         load_default_or_files(self.spec.data.train_files, CACHE_DIR, prompt_key=key)
-        self.val_rows = load_default_or_files(self.spec.data.val_files, CACHE_DIR, split="val",
-                                              prompt_key=key)
+        self.val_rows = load_default_or_files(
+            self.spec.data.val_files, CACHE_DIR, split="val", prompt_key=key
+        )
         return model_dir
 
     def main(self) -> int:
@@ -119,9 +131,14 @@ class LocalRun:
                 bar.update(len(rows) - seen)
                 seen = len(rows)
                 r = rows[-1]
-                bar.set_postfix(reward=f"{r['reward_mean']:.2f}", acc=f"{r['acc_mean']:.2f}",
-                                kept=f"{r['kept_ratio']:.2f}", ent=f"{r.get('entropy', 0):.2f}",
-                                lag=f"{r['version_lag']:.1f}", v=int(r["version"]))
+                bar.set_postfix(
+                    reward=f"{r['reward_mean']:.2f}",
+                    acc=f"{r['acc_mean']:.2f}",
+                    kept=f"{r['kept_ratio']:.2f}",
+                    ent=f"{r.get('entropy', 0):.2f}",
+                    lag=f"{r['version_lag']:.1f}",
+                    v=int(r["version"]),
+                )
             if state.status == "failed":
                 bar.close()
                 raise RuntimeError(f"run failed: {state.error}")
@@ -156,14 +173,21 @@ class LocalRun:
             "eval_k": k,
         }
         if before and after:
-            summary.update(acc_before=before[f"acc/mean@{k}"], acc_after=after[f"acc/mean@{k}"],
-                           eval_before=before, eval_after=after)
+            summary.update(
+                acc_before=before[f"acc/mean@{k}"],
+                acc_after=after[f"acc/mean@{k}"],
+                eval_before=before,
+                eval_after=after,
+            )
         write_summary(run_dir, summary)
         if rows:
             print(f"curves: {plot_run(run_dir)}")
-        print(json.dumps({k2: v for k2, v in summary.items() if not k2.startswith("eval_")},
-                         indent=2))
+        print(
+            json.dumps({k2: v for k2, v in summary.items() if not k2.startswith("eval_")}, indent=2)
+        )
         if before and after:
-            print(f"held-out acc/mean@{k}: {summary['acc_before']:.3f} -> "
-                  f"{summary['acc_after']:.3f}", file=sys.stderr)
+            print(
+                f"held-out acc/mean@{k}: {summary['acc_before']:.3f} -> {summary['acc_after']:.3f}",
+                file=sys.stderr,
+            )
         return 0

@@ -24,6 +24,10 @@ class RunNotFound(KeyError):
     pass
 
 
+class InvalidTransition(ValueError):
+    """A status change the run's lifecycle does not allow (e.g. resume a stopped run)."""
+
+
 def new_run_id(spec: RunSpec) -> str:
     return f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
@@ -56,8 +60,11 @@ class RunStore:
             raise RunNotFound(run_id)
         return RunState.model_validate_json(raw)
 
-    def update(self, run_id: str, **fields) -> RunState:
-        """Read-modify-write of the state under WATCH, so concurrent writers do not clobber."""
+    def _compare_and_set(self, run_id: str, change) -> RunState:
+        """Read-modify-write of the state under WATCH, so concurrent writers do not clobber.
+
+        ``change(state)`` returns the fields to update, or None to leave the state as is.
+        """
         key = run_key(run_id, "state")
         with self.client.pipeline() as pipe:
             while True:
@@ -66,16 +73,37 @@ class RunStore:
                     raw = pipe.get(key)
                     if raw is None:
                         raise RunNotFound(run_id)
-                    state = RunState.model_validate_json(raw).model_copy(
-                        update={**fields, "updated_at": time.time()}
+                    state = RunState.model_validate_json(raw)
+                    fields = change(state)
+                    if fields is None:
+                        return state
+                    new = RunState.model_validate(
+                        {**state.model_dump(), **fields, "updated_at": time.time()}
                     )
-                    RunState.model_validate(state.model_dump())
                     pipe.multi()
-                    pipe.set(key, state.model_dump_json())
+                    pipe.set(key, new.model_dump_json())
                     pipe.execute()
-                    return state
+                    return new
                 except redis.WatchError:
                     continue
+
+    def update(self, run_id: str, **fields) -> RunState:
+        return self._compare_and_set(run_id, lambda _: fields)
+
+    def transition(self, run_id: str, allowed: frozenset[str], target: RunStatus) -> RunState:
+        """Set the status to ``target`` only from one of ``allowed`` (a no-op if already there)."""
+
+        def change(state: RunState):
+            if state.status == target:
+                return None
+            if state.status not in allowed:
+                raise InvalidTransition(
+                    f"run {run_id} is {state.status}: cannot set it {target} "
+                    f"(only from {', '.join(sorted(allowed))})"
+                )
+            return {"status": target}
+
+        return self._compare_and_set(run_id, change)
 
     def set_status(self, run_id: str, status: RunStatus, error: str | None = None) -> RunState:
         fields: dict = {"status": status}

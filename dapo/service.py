@@ -84,8 +84,13 @@ class ServiceRuntime:
         self.run_id = self.settings.run_id or self._wait_for_run()
         self.spec = self.store.spec(self.run_id)
         self.bus = RedisBus(self.client, self.run_id, self.bus_settings)
-        log.info("%s %s serving run %s (health :%d)", self.kind, self.worker_id, self.run_id,
-                 self.health.port)
+        log.info(
+            "%s %s serving run %s (health :%d)",
+            self.kind,
+            self.worker_id,
+            self.run_id,
+            self.health.port,
+        )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -105,7 +110,9 @@ class ServiceRuntime:
         while not self.stop_event.is_set():
             try:
                 register_service(
-                    self.client, self.kind, self.worker_id,
+                    self.client,
+                    self.kind,
+                    self.worker_id,
                     {"health_port": self.health.port, "run_id": self.run_id},
                 )
             except redis.RedisError as exc:

@@ -26,8 +26,16 @@ def make_model_dir(path: Path) -> Path:
     within a group, the soft overlong penalty tells samples apart, and dynamic sampling on
     ``score`` keeps groups although a random model never answers correctly.
     """
-    cfg = tiny_config(ModelShape(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                                 intermediate_size=64, max_positions=128))
+    cfg = tiny_config(
+        ModelShape(
+            hidden_size=32,
+            num_layers=2,
+            num_heads=2,
+            num_kv_heads=1,
+            intermediate_size=64,
+            max_positions=128,
+        )
+    )
     cfg.tie_word_embeddings = False
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(cfg)
@@ -44,9 +52,13 @@ def make_model_dir(path: Path) -> Path:
 def make_dataset(path: Path, n: int = 12, bad_row: int | None = None) -> Path:
     with path.open("w") as f:
         for i in range(n):
-            row = {"data_source": "arith", "prompt": [{"role": "user", "content": f"{i}+1="}],
-                   "ability": "math", "reward_model": {"style": "rule", "ground_truth": str(i + 1)},
-                   "extra_info": {"index": i}}
+            row = {
+                "data_source": "arith",
+                "prompt": [{"role": "user", "content": f"{i}+1="}],
+                "ability": "math",
+                "reward_model": {"style": "rule", "ground_truth": str(i + 1)},
+                "extra_info": {"index": i},
+            }
             if i == bad_row:
                 del row["reward_model"]["ground_truth"]
             f.write(json.dumps(row) + "\n")
@@ -59,11 +71,19 @@ def small_spec(model_dir: Path, data: Path, runs_dir: Path, **sections) -> RunSp
     tree = {
         "name": "e2e",
         "model": {"path": str(model_dir)},
-        "data": {"train_files": [str(data)], "val_files": [str(data)], "train_batch_size": 2,
-                 "max_prompt_length": 32, "max_response_length": 8},
+        "data": {
+            "train_files": [str(data)],
+            "val_files": [str(data)],
+            "train_batch_size": 2,
+            "max_prompt_length": 32,
+            "max_response_length": 8,
+        },
         "rollout": {"n": 4},
-        "actor": {"ppo_mini_batch_size": 2, "ppo_micro_batch_size": 8,
-                  "optim": {"lr": 1e-5, "lr_warmup_steps": 0}},
+        "actor": {
+            "ppo_mini_batch_size": 2,
+            "ppo_micro_batch_size": 8,
+            "optim": {"lr": 1e-5, "lr_warmup_steps": 0},
+        },
         "algorithm": {"filter_groups": {"metric": "score"}, "max_staleness": 1},
         "reward": {"overlong_buffer": {"len": 6, "penalty_factor": 1.0}},
         "trainer": {"total_training_steps": 3, "save_freq": 1, "runs_dir": str(runs_dir)},
@@ -73,8 +93,9 @@ def small_spec(model_dir: Path, data: Path, runs_dir: Path, **sections) -> RunSp
     return RunSpec.model_validate(tree)
 
 
-def start_run(redis_url: str, spec: RunSpec, rollout_workers: int = 2,
-              env: dict | None = None) -> tuple[RunStore, Stack]:
+def start_run(
+    redis_url: str, spec: RunSpec, rollout_workers: int = 2, env: dict | None = None
+) -> tuple[RunStore, Stack]:
     store = RunStore(redis.Redis.from_url(redis_url))
     run_id = store.create(spec).run_id
     stack = Stack(redis_url, run_id, Path(spec.trainer.runs_dir) / run_id, threads=1)
@@ -87,8 +108,9 @@ def start_run(redis_url: str, spec: RunSpec, rollout_workers: int = 2,
     return store, stack
 
 
-def wait_status(store: RunStore, stack: Stack, run_id: str, statuses: set[str],
-                timeout_s: float = 180) -> str:
+def wait_status(
+    store: RunStore, stack: Stack, run_id: str, statuses: set[str], timeout_s: float = 180
+) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         stack.check_alive()

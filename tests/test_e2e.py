@@ -53,8 +53,9 @@ def test_short_run_trains_broadcasts_and_accounts(model_dir, tmp_path, redis_url
         assert [r["batch_id"] for r in rows] == [0, 1, 2]
         # every rollout worker reports the learner's final weights, bit for bit (checksums)
         deadline = time.monotonic() + 30
-        while (bad := stale_or_mismatched_workers(store.client, run_id, 3)) and \
-                time.monotonic() < deadline:
+        while (
+            bad := stale_or_mismatched_workers(store.client, run_id, 3)
+        ) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert bad == {}
     finally:
@@ -62,16 +63,23 @@ def test_short_run_trains_broadcasts_and_accounts(model_dir, tmp_path, redis_url
     account = read_account(store.client, run_id)
     assert account["batches"] == 3 and account["trained"] == 3 * spec.data.train_batch_size
     filtered = account["filtered_all_correct"] + account["filtered_all_wrong"]
-    assert account["dispatched"] == (account["trained"] + filtered + account["dropped_stale"]
-                                     + in_flight_on_streams(store.client, run_id))
+    assert account["dispatched"] == (
+        account["trained"]
+        + filtered
+        + account["dropped_stale"]
+        + in_flight_on_streams(store.client, run_id)
+    )
     final = stack.run_dir / "checkpoints" / "step_000003"
     AutoModelForCausalLM.from_pretrained(str(final))  # plain HF loading works
 
 
 def test_learner_killed_mid_run_resumes_without_losing_a_batch(model_dir, tmp_path, redis_url):
-    spec = small_spec(model_dir, make_dataset(tmp_path / "train.jsonl"), tmp_path / "runs",
-                      trainer={"total_training_steps": 5, "save_freq": 1,
-                               "runs_dir": str(tmp_path / "runs")})
+    spec = small_spec(
+        model_dir,
+        make_dataset(tmp_path / "train.jsonl"),
+        tmp_path / "runs",
+        trainer={"total_training_steps": 5, "save_freq": 1, "runs_dir": str(tmp_path / "runs")},
+    )
     store, stack = start_run(redis_url, spec, rollout_workers=1)
     run_id = stack.run_id
     try:
@@ -94,18 +102,32 @@ def test_learner_killed_mid_run_resumes_without_losing_a_batch(model_dir, tmp_pa
     # after the restart the learner continues from its newest checkpoint: every batch id
     # appears, and the ones trained twice are only those the crash rolled back
     assert sorted(set(trained)) == [0, 1, 2, 3, 4]
-    last_ckpt = max(int(p.name.split("_")[1]) for p in (stack.run_dir / "checkpoints").iterdir()
-                    if p.name.startswith("step_"))
+    last_ckpt = max(
+        int(p.name.split("_")[1])
+        for p in (stack.run_dir / "checkpoints").iterdir()
+        if p.name.startswith("step_")
+    )
     assert last_ckpt == 5 and store.state(run_id).policy_version == 5
 
 
 def test_dataset_row_without_answer_is_reported_before_anything_starts(model_dir, tmp_path):
     data = make_dataset(tmp_path / "bad.jsonl", bad_row=4)
     proc = subprocess.run(
-        [sys.executable, "-m", "dapo.cli", "up", "--skip-eval", f"model.path={model_dir}",
-         f"data.train_files=[{data}]", f"data.val_files=[{data}]",
-         f"trainer.runs_dir={tmp_path / 'runs'}"],
-        capture_output=True, text=True, timeout=120, env=dict(os.environ, DAPO_REDIS_URL=""),
+        [
+            sys.executable,
+            "-m",
+            "dapo.cli",
+            "up",
+            "--skip-eval",
+            f"model.path={model_dir}",
+            f"data.train_files=[{data}]",
+            f"data.val_files=[{data}]",
+            f"trainer.runs_dir={tmp_path / 'runs'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, DAPO_REDIS_URL=""),
     )
     assert proc.returncode != 0
     assert "row 4" in proc.stderr or "line 5" in proc.stderr, proc.stderr

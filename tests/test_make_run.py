@@ -14,9 +14,22 @@ import pytest
 def test_dapo_up_short_run_writes_the_run_folder(tmp_path):
     runs = tmp_path / "runs"
     proc = subprocess.run(
-        [sys.executable, "-m", "dapo.cli", "up", "--config", "cpu-small", "--eval-n", "1",
-         "trainer.total_training_steps=20", "trainer.save_freq=10", f"trainer.runs_dir={runs}"],
-        capture_output=True, text=True, timeout=1200,
+        [
+            sys.executable,
+            "-m",
+            "dapo.cli",
+            "up",
+            "--config",
+            "cpu-small",
+            "--eval-n",
+            "1",
+            "trainer.total_training_steps=20",
+            "trainer.save_freq=10",
+            f"trainer.runs_dir={runs}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     (run_dir,) = list(runs.iterdir())

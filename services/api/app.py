@@ -47,7 +47,7 @@ from redis.exceptions import LockError
 from dapo.bus import connect
 from dapo.config import load_run_spec
 from dapo.keys import run_key
-from dapo.runs import RunNotFound, RunStore, live_services
+from dapo.runs import InvalidTransition, RunNotFound, RunStore, live_services
 from proto.messages import RunState
 from proto.runspec import RunSpec
 from services.api.settings import ApiSettings
@@ -71,10 +71,6 @@ class RunConflict(Exception):
     """Another run is active and concurrent runs are not allowed."""
 
 
-class InvalidTransition(Exception):
-    """The run's current status does not allow the requested move."""
-
-
 class RunDetail(RunState):
     """A run's state plus what the services report about it."""
 
@@ -87,31 +83,9 @@ class RunDetail(RunState):
 
 
 def transition(client: redis.Redis, run_id: str, allowed: frozenset[str], target: str) -> RunState:
-    """Compare-and-set of the status under WATCH: a concurrent writer (the learner
-    finishing the run) makes us re-read instead of overwriting its final state."""
-    key = run_key(run_id, "state")
-    with client.pipeline() as pipe:
-        while True:
-            try:
-                pipe.watch(key)
-                raw = pipe.get(key)
-                if raw is None:
-                    raise RunNotFound(run_id)
-                state = RunState.model_validate_json(raw)
-                if state.status == target:
-                    return state
-                if state.status not in allowed:
-                    raise InvalidTransition(
-                        f"run {run_id} is {state.status}: cannot set it {target} "
-                        f"(only from {', '.join(sorted(allowed))})"
-                    )
-                new = state.model_copy(update={"status": target, "updated_at": time.time()})
-                pipe.multi()
-                pipe.set(key, new.model_dump_json())
-                pipe.execute()
-                return new
-            except redis.WatchError:
-                continue
+    """Compare-and-set of the status: a concurrent writer (the learner finishing the run)
+    makes it re-read instead of overwriting that final state."""
+    return RunStore(client).transition(run_id, allowed, target)
 
 
 def last_json_line(path: pathlib.Path, block: int = 1 << 16, limit: int = 1 << 20) -> dict | None:

@@ -79,8 +79,15 @@ def pack_batch(batch: TrainingBatch, pad_id: int, norm_adv_by_std: bool) -> Pack
         old[i, :n] = torch.from_numpy(sample.logprobs.astype("float32"))
         truncated[i] = sample.finish_reason == "length"
     return PackedSamples(
-        input_ids, attn, resp_pos, resp_ids, mask, old,
-        torch.tensor(advs, dtype=torch.float32), truncated, torch.tensor(group_idx),
+        input_ids,
+        attn,
+        resp_pos,
+        resp_ids,
+        mask,
+        old,
+        torch.tensor(advs, dtype=torch.float32),
+        truncated,
+        torch.tensor(group_idx),
     )
 
 

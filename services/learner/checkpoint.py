@@ -23,8 +23,14 @@ def checkpoint_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:06d}"
 
 
-def save_checkpoint(root: Path, step: int, model, tokenizer, trainer_state: dict,
-                    optimizer: torch.optim.Optimizer | None) -> Path:
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model,
+    tokenizer,
+    trainer_state: dict,
+    optimizer: torch.optim.Optimizer | None,
+) -> Path:
     final = checkpoint_dir(root, step)
     tmp = root / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -43,8 +49,11 @@ def save_checkpoint(root: Path, step: int, model, tokenizer, trainer_state: dict
 def newest_checkpoint(root: Path) -> Path | None:
     if not root.is_dir():
         return None
-    steps = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _STEP_DIR.match(p.name)) and (p / "trainer_state.json").is_file()]
+    steps = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := _STEP_DIR.match(p.name)) and (p / "trainer_state.json").is_file()
+    ]
     return max(steps)[1] if steps else None
 
 

@@ -74,11 +74,25 @@ def run(settings: LearnerSettings) -> None:
             trainer.load_state(state, read_optimizer_state(ckpt))
             step = int(state["step"])
             log.info("resumed from %s: step %d, version %d", ckpt, step, trainer.version)
-        sender = WeightSender(rt.client, rt.run_id, list(model.named_parameters()),
-                              device=device, host=settings.sync_host, port=settings.sync_port)
+        sender = WeightSender(
+            rt.client,
+            rt.run_id,
+            list(model.named_parameters()),
+            device=device,
+            host=settings.sync_host,
+            port=settings.sync_port,
+        )
         try:
-            loop = LearnerLoop(rt, trainer, tokenizer, sender, run_dir, step,
-                               keep_checkpoints=settings.keep_checkpoints, last_ckpt=ckpt)
+            loop = LearnerLoop(
+                rt,
+                trainer,
+                tokenizer,
+                sender,
+                run_dir,
+                step,
+                keep_checkpoints=settings.keep_checkpoints,
+                last_ckpt=ckpt,
+            )
             loop._ckpt_step = step if ckpt is not None else -1
             if ckpt is not None:
                 sender.publish_checkpoint(trainer.version, str(ckpt))

@@ -27,22 +27,35 @@ class LearnerMetrics:
     def __init__(self, registry) -> None:
         self.step = Gauge("dapo_learner_step", "Training batches consumed", registry=registry)
         self.version = Gauge("dapo_learner_policy_version", "Policy version", registry=registry)
-        self.last_step = Gauge("dapo_learner_last_step_timestamp_seconds",
-                               "Unix time of the last training step", registry=registry)
-        self.skipped = Counter("dapo_learner_skipped_steps", "Optimizer steps skipped (non-finite)",
-                               registry=registry)
-        self.gauges = {k: Gauge(f"dapo_learner_{k}", h, registry=registry)
-                       for k, h in _STEP_GAUGES.items()}
+        self.last_step = Gauge(
+            "dapo_learner_last_step_timestamp_seconds",
+            "Unix time of the last training step",
+            registry=registry,
+        )
+        self.skipped = Counter(
+            "dapo_learner_skipped_steps", "Optimizer steps skipped (non-finite)", registry=registry
+        )
+        self.gauges = {
+            k: Gauge(f"dapo_learner_{k}", h, registry=registry) for k, h in _STEP_GAUGES.items()
+        }
         self.resp_len = Histogram(
-            "dapo_learner_response_length_tokens", "Mean response length per batch",
+            "dapo_learner_response_length_tokens",
+            "Mean response length per batch",
             buckets=(8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768),
-            registry=registry)
-        self.step_seconds = Histogram("dapo_learner_step_seconds", "Wall time of one batch",
-                                      registry=registry)
-        self.sync = Histogram("dapo_weight_sync_seconds", "Weight broadcast time by phase",
-                              ["phase"], registry=registry)
-        self.sync_failures = Counter("dapo_weight_sync_failures", "Broadcasts abandoned",
-                                     registry=registry)
+            registry=registry,
+        )
+        self.step_seconds = Histogram(
+            "dapo_learner_step_seconds", "Wall time of one batch", registry=registry
+        )
+        self.sync = Histogram(
+            "dapo_weight_sync_seconds",
+            "Weight broadcast time by phase",
+            ["phase"],
+            registry=registry,
+        )
+        self.sync_failures = Counter(
+            "dapo_weight_sync_failures", "Broadcasts abandoned", registry=registry
+        )
         self.sync_bytes = Counter("dapo_weight_sync_bytes", "Bytes broadcast", registry=registry)
 
     def observe_step(self, f: dict) -> None:

@@ -49,8 +49,11 @@ class LearnerLoop:
 
     def announce(self, checksum: str, num_bytes: int) -> None:
         msg = WeightVersion(
-            run_id=self.rt.run_id, version=self.trainer.version, step=self.step,
-            checksum=checksum, num_bytes=num_bytes,
+            run_id=self.rt.run_id,
+            version=self.trainer.version,
+            step=self.step,
+            checksum=checksum,
+            num_bytes=num_bytes,
             checkpoint_dir=str(self.last_ckpt) if self.last_ckpt else None,
         )
         self.rt.bus.publish("versions", msg)
@@ -61,8 +64,11 @@ class LearnerLoop:
         try:
             stats = self.sender.broadcast(self.trainer.version)
         except WeightSyncError as exc:
-            log.warning("weight broadcast of version %d failed: %s (workers catch up at the "
-                        "next one)", self.trainer.version, exc)
+            log.warning(
+                "weight broadcast of version %d failed: %s (workers catch up at the next one)",
+                self.trainer.version,
+                exc,
+            )
             self.metrics.sync_failures.inc()
             self.announce("", 0)
             return
@@ -71,8 +77,12 @@ class LearnerLoop:
 
     def checkpoint(self) -> None:
         self.last_ckpt = save_checkpoint(
-            self.ckpt_root, self.step, self.trainer.model, self.tokenizer,
-            self.trainer.state(), self.trainer.optimizer,
+            self.ckpt_root,
+            self.step,
+            self.trainer.model,
+            self.tokenizer,
+            self.trainer.state(),
+            self.trainer.optimizer,
         )
         self._ckpt_step = self.step
         self.sender.publish_checkpoint(self.trainer.version, str(self.last_ckpt))
@@ -85,8 +95,9 @@ class LearnerLoop:
     def handle(self, d: Delivery[TrainingBatch]) -> None:
         batch = d.message
         if batch.batch_id < self.step:
-            log.info("batch %d already in checkpoint at step %d: skipped", batch.batch_id,
-                     self.step)
+            log.info(
+                "batch %d already in checkpoint at step %d: skipped", batch.batch_id, self.step
+            )
             self.rt.bus.ack(d)
             return
         t0 = time.perf_counter()
@@ -94,8 +105,12 @@ class LearnerLoop:
         figures = self.trainer.train_batch(batch)
         self.step += 1
         self.held.append(d)
-        figures.update(step=self.step, batch_id=batch.batch_id, train_s=time.perf_counter() - t0,
-                       time=time.time())
+        figures.update(
+            step=self.step,
+            batch_id=batch.batch_id,
+            train_s=time.perf_counter() - t0,
+            time=time.time(),
+        )
         if self.trainer.version != version_before:  # weights changed: send them
             self.broadcast()
         else:
@@ -105,9 +120,14 @@ class LearnerLoop:
             f.write(json.dumps(figures) + "\n")
         log.info(
             "step %d  loss %.4f  reward %.3f  acc %.3f  kept %.2f  entropy %.3f  lag %.2f  v%d",
-            self.step, figures["loss"], figures["reward_mean"], figures["acc_mean"],
-            figures["kept_ratio"], figures.get("entropy", float("nan")),
-            figures["version_lag"], self.trainer.version,
+            self.step,
+            figures["loss"],
+            figures["reward_mean"],
+            figures["acc_mean"],
+            figures["kept_ratio"],
+            figures.get("entropy", float("nan")),
+            figures["version_lag"],
+            self.trainer.version,
         )
         freq = self.rt.spec.trainer.save_freq
         if freq and self.step % freq == 0:
@@ -119,8 +139,9 @@ class LearnerLoop:
             if self.rt.paused():
                 self.rt.idle(0.5)
                 continue
-            for d in self.rt.bus.consume("batches", "learner", CONSUMER, count=1, block_ms=500,
-                                         reclaim=False):
+            for d in self.rt.bus.consume(
+                "batches", "learner", CONSUMER, count=1, block_ms=500, reclaim=False
+            ):
                 self.handle(d)
         if self._ckpt_step != self.step:  # also on SIGTERM: nothing trained is lost
             self.checkpoint()

@@ -38,7 +38,9 @@ def build_optimizer(model: torch.nn.Module, spec: RunSpec) -> torch.optim.AdamW:
     o = spec.actor.optim
     return torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
-        lr=o.lr, betas=o.betas, weight_decay=o.weight_decay,
+        lr=o.lr,
+        betas=o.betas,
+        weight_decay=o.weight_decay,
     )
 
 
@@ -122,7 +124,12 @@ class Trainer:
             logp, logits = self.forward_logp(self.model, mb, with_logits=True)
             logp_old = old[mrows, :t].to(self.device) if old is not None else mb.old_logp_rollout
             loss, m = policy_loss(
-                logp, logp_old.detach(), mb.advantages, mb.mask, actor, normalizer=normalizer,
+                logp,
+                logp_old.detach(),
+                mb.advantages,
+                mb.mask,
+                actor,
+                normalizer=normalizer,
                 logp_behavior=mb.old_logp_rollout if actor.tis_imp_ratio_cap else None,
                 logp_ref=ref[mrows, :t].to(self.device) if ref is not None else None,
                 logits=logits,
@@ -152,29 +159,38 @@ class Trainer:
     @torch.no_grad()
     def _summary(self, batch, packed, sums, steps) -> dict[str, float]:
         tokens, mini = max(sums.pop("_tokens", 0.0), 1.0), max(sums.pop("_mini", 0.0), 1.0)
-        out = {k: v / tokens for k, v in sums.items()
-               if k not in ("loss", "grad_norm", "skipped", "lr")}
+        out = {
+            k: v / tokens
+            for k, v in sums.items()
+            if k not in ("loss", "grad_norm", "skipped", "lr")
+        }
         samples = [s for g in batch.groups for s in g.samples]
         st = batch.stats
         seen = st.kept + st.filtered_all_correct + st.filtered_all_wrong
         out.update(
-            loss=sums["loss"] / mini, grad_norm=sums["grad_norm"] / mini,
+            loss=sums["loss"] / mini,
+            grad_norm=sums["grad_norm"] / mini,
             lr=sums.get("lr", self.optimizer.param_groups[0]["lr"]),
-            skipped_steps=sums.get("skipped", 0.0), optimizer_steps=float(steps),
+            skipped_steps=sums.get("skipped", 0.0),
+            optimizer_steps=float(steps),
             reward_mean=sum(s.score for s in samples) / len(samples),
             acc_mean=sum(s.acc for s in samples) / len(samples),
-            response_length_mean=float(packed.mask.new_tensor(
-                [s.length for s in samples]).mean()),
+            response_length_mean=float(packed.mask.new_tensor([s.length for s in samples]).mean()),
             overlong_frac=sum(s.truncated for s in samples) / len(samples),
             kept_ratio=st.kept / seen if seen else 1.0,
-            version_lag=st.mean_version_lag, gen_rounds=float(st.gen_rounds),
-            dropped_stale=float(st.dropped_stale), version=float(self.version),
+            version_lag=st.mean_version_lag,
+            gen_rounds=float(st.gen_rounds),
+            dropped_stale=float(st.dropped_stale),
+            version=float(self.version),
         )
         return out
 
     def state(self) -> dict:
-        return {"version": self.version, "optimizer_steps": self.optimizer_steps,
-                "skipped_steps": self.skipped_steps}
+        return {
+            "version": self.version,
+            "optimizer_steps": self.optimizer_steps,
+            "skipped_steps": self.skipped_steps,
+        }
 
     def load_state(self, state: dict, optimizer_state: dict | None) -> None:
         self.version = int(state["version"])
@@ -183,4 +199,3 @@ class Trainer:
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
         self._set_lr()
-

@@ -27,12 +27,18 @@ class RewardSettings(ServiceSettings):
 class RewardMetrics:
     def __init__(self, registry) -> None:
         self.samples = Counter("dapo_reward_samples", "Samples scored", ["acc"], registry=registry)
-        self.reward = Histogram("dapo_reward_score", "Per-sample score incl. overlong penalty",
-                                buckets=(-2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5), registry=registry)
-        self.seconds = Histogram("dapo_reward_group_seconds", "Scoring time per group",
-                                 registry=registry)
-        self.overlong = Counter("dapo_reward_truncated_samples", "Samples cut at the length limit",
-                                registry=registry)
+        self.reward = Histogram(
+            "dapo_reward_score",
+            "Per-sample score incl. overlong penalty",
+            buckets=(-2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5),
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "dapo_reward_group_seconds", "Scoring time per group", registry=registry
+        )
+        self.overlong = Counter(
+            "dapo_reward_truncated_samples", "Samples cut at the length limit", registry=registry
+        )
 
 
 def _score_in(pool: Executor | None, texts, gt, mode, timeout_s):
@@ -46,14 +52,19 @@ def serve(rt: ServiceRuntime, tokenizer, settings: RewardSettings) -> None:
     pool = ProcessPoolExecutor(settings.workers) if settings.workers > 0 else None
     try:
         while not rt.should_stop():
-            got = rt.bus.consume("rollouts", "reward", rt.worker_id, count=settings.batch,
-                                 block_ms=500)
+            got = rt.bus.consume(
+                "rollouts", "reward", rt.worker_id, count=settings.batch, block_ms=500
+            )
             for d in got:
                 group: RolloutGroup = d.message
-                texts = tokenizer.batch_decode([s.response_ids.tolist() for s in group.samples],
-                                               skip_special_tokens=True)
+                texts = tokenizer.batch_decode(
+                    [s.response_ids.tolist() for s in group.samples], skip_special_tokens=True
+                )
                 scored = score_group(
-                    group, texts, spec.reward, spec.data.max_response_length,
+                    group,
+                    texts,
+                    spec.reward,
+                    spec.data.max_response_length,
                     scorer=lambda t, gt, m, to: _score_in(pool, t, gt, m, to),
                 )
                 rt.bus.publish_and_ack("scored", scored, d, dedupe_key=group.group_id)

@@ -33,13 +33,21 @@ def score_group(
         length = int(sample.response_ids.size)  # EOS counted when emitted
         penalty = (
             overlong_penalty(length, max_response_length, ob.len, ob.penalty_factor)
-            if ob.enable else 0.0
+            if ob.enable
+            else 0.0
         )
-        samples.append(ScoredSample(
-            response_ids=sample.response_ids, logprobs=sample.logprobs,
-            finish_reason=sample.finish_reason, score=verdict.score + penalty, acc=verdict.acc,
-            overlong_penalty=min(penalty, 0.0), length=length,
-            truncated=sample.finish_reason == "length", pred=verdict.pred[:200],
-        ))
+        samples.append(
+            ScoredSample(
+                response_ids=sample.response_ids,
+                logprobs=sample.logprobs,
+                finish_reason=sample.finish_reason,
+                score=verdict.score + penalty,
+                acc=verdict.acc,
+                overlong_penalty=min(penalty, 0.0),
+                length=length,
+                truncated=sample.finish_reason == "length",
+                pred=verdict.pred[:200],
+            )
+        )
     fields = group.model_dump(exclude={"samples"})
     return ScoredGroup(**fields, samples=samples, reward_seconds=time.perf_counter() - start)

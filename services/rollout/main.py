@@ -41,8 +41,9 @@ def build_engine(rt: ServiceRuntime, settings: RolloutSettings, device: str):
         start_dir = Path(newest[1])  # joined late: start from the newest weights
         log.info("joining late: loading checkpoint %s (version %d)", start_dir, newest[0])
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    engine = HFEngine(str(start_dir), tokenizer, device=device,
-                      max_batch_size=settings.max_batch_rows or None)
+    engine = HFEngine(
+        str(start_dir), tokenizer, device=device, max_batch_size=settings.max_batch_rows or None
+    )
     return engine, (newest[0] if newest and start_dir != model_dir else 0)
 
 
@@ -52,13 +53,25 @@ def run(settings: RolloutSettings) -> None:
     with ServiceRuntime("rollout", settings) as rt:
         device = pick_device(settings.device)
         engine, version = build_engine(rt, settings, device)
-        receiver = WeightReceiver(rt.client, rt.run_id, rt.worker_id,
-                                  list(engine.named_parameters()), device=device,
-                                  load_fn=engine.load_weights, version=version)
+        receiver = WeightReceiver(
+            rt.client,
+            rt.run_id,
+            rt.worker_id,
+            list(engine.named_parameters()),
+            device=device,
+            load_fn=engine.load_weights,
+            version=version,
+        )
         receiver.join()
         try:
-            RolloutWorker(rt, engine, receiver, rt.spec.rollout.engine, version=version,
-                          max_prompts=settings.max_prompts).serve()
+            RolloutWorker(
+                rt,
+                engine,
+                receiver,
+                rt.spec.rollout.engine,
+                version=version,
+                max_prompts=settings.max_prompts,
+            ).serve()
         finally:
             receiver.close()
 

@@ -26,22 +26,36 @@ log = logging.getLogger(__name__)
 
 class RolloutMetrics:
     def __init__(self, registry) -> None:
-        self.tokens = Counter("dapo_rollout_generated_tokens", "Response tokens generated",
-                              registry=registry)
-        self.samples = Counter("dapo_rollout_samples", "Samples generated", ["finish_reason"],
-                               registry=registry)
-        self.gen_seconds = Histogram("dapo_rollout_generation_seconds",
-                                     "Wall time of one generation batch", registry=registry)
-        self.version = Gauge("dapo_rollout_policy_version", "Policy version loaded",
-                             registry=registry)
-        self.weight_load = Histogram("dapo_rollout_weight_load_seconds",
-                                     "Time to receive and load a weight update", registry=registry)
+        self.tokens = Counter(
+            "dapo_rollout_generated_tokens", "Response tokens generated", registry=registry
+        )
+        self.samples = Counter(
+            "dapo_rollout_samples", "Samples generated", ["finish_reason"], registry=registry
+        )
+        self.gen_seconds = Histogram(
+            "dapo_rollout_generation_seconds",
+            "Wall time of one generation batch",
+            registry=registry,
+        )
+        self.version = Gauge(
+            "dapo_rollout_policy_version", "Policy version loaded", registry=registry
+        )
+        self.weight_load = Histogram(
+            "dapo_rollout_weight_load_seconds",
+            "Time to receive and load a weight update",
+            registry=registry,
+        )
 
 
 def to_params(task: PromptTask) -> SamplingParams:
     s = task.sampling
-    return SamplingParams(n=task.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                          max_new_tokens=s.max_new_tokens)
+    return SamplingParams(
+        n=task.n,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        max_new_tokens=s.max_new_tokens,
+    )
 
 
 @dataclass
@@ -90,22 +104,33 @@ class RolloutWorker:
     def _group(self, task: PromptTask, completions, seconds: float) -> RolloutGroup:
         samples = []
         for c in completions:
-            samples.append(Sample(response_ids=c.token_ids, logprobs=c.logprobs,
-                                  finish_reason=c.finish_reason))
+            samples.append(
+                Sample(response_ids=c.token_ids, logprobs=c.logprobs, finish_reason=c.finish_reason)
+            )
             self.metrics.tokens.inc(len(c.token_ids))
             self.metrics.samples.labels(c.finish_reason).inc()
         return RolloutGroup(
-            run_id=task.run_id, group_id=task.group_id, prompt_id=task.prompt_id,
-            epoch=task.epoch, prompt_ids=task.prompt_ids, ground_truth=task.ground_truth,
-            data_source=task.data_source, n=task.n, policy_version=self.version,
-            dispatch_version=task.dispatch_version, worker_id=self.rt.worker_id,
-            engine=self.engine_name, gen_seconds=seconds, samples=samples,
+            run_id=task.run_id,
+            group_id=task.group_id,
+            prompt_id=task.prompt_id,
+            epoch=task.epoch,
+            prompt_ids=task.prompt_ids,
+            ground_truth=task.ground_truth,
+            data_source=task.data_source,
+            n=task.n,
+            policy_version=self.version,
+            dispatch_version=task.dispatch_version,
+            worker_id=self.rt.worker_id,
+            engine=self.engine_name,
+            gen_seconds=seconds,
+            samples=samples,
         )
 
     def step(self) -> int:
         self.apply_pending_weights()
-        got = self.rt.bus.consume("prompts", "rollout", self.rt.worker_id,
-                                  count=self.max_prompts, block_ms=200)
+        got = self.rt.bus.consume(
+            "prompts", "rollout", self.rt.worker_id, count=self.max_prompts, block_ms=200
+        )
         if not got:
             return 0
         groups = self.generate(got)

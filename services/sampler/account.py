@@ -5,8 +5,13 @@ from __future__ import annotations
 from dapo.keys import run_key
 
 ACCOUNT_FIELDS = (
-    "dispatched", "trained", "filtered_all_correct", "filtered_all_wrong", "dropped_stale",
-    "batches", "prompts_since_batch",
+    "dispatched",
+    "trained",
+    "filtered_all_correct",
+    "filtered_all_wrong",
+    "dropped_stale",
+    "batches",
+    "prompts_since_batch",
 )
 
 

@@ -16,8 +16,9 @@ class SamplerSettings(ServiceSettings):
 
 def run(settings: SamplerSettings) -> None:
     with ServiceRuntime("sampler", settings) as rt:
-        rows = load_default_or_files(rt.spec.data.train_files, settings.cache_dir or None,
-                                     prompt_key=rt.spec.data.prompt_key)
+        rows = load_default_or_files(
+            rt.spec.data.train_files, settings.cache_dir or None, prompt_key=rt.spec.data.prompt_key
+        )
         tokenizer = load_tokenizer(rt.spec.model, settings.cache_dir)
         serve(rt, PromptSource(rows, tokenizer, rt.spec.data))
 

@@ -46,8 +46,12 @@ class PromptSource:
 
     def _encode_row(self, index: int) -> tuple[str, np.ndarray]:
         row = self.rows[index]
-        text = render_prompt(row, self.tokenizer, template=self.cfg.prompt_template,
-                             apply_chat_template=self.cfg.apply_chat_template)
+        text = render_prompt(
+            row,
+            self.tokenizer,
+            template=self.cfg.prompt_template,
+            apply_chat_template=self.cfg.apply_chat_template,
+        )
         ids = np.asarray(self.tokenizer.encode(text, add_special_tokens=False), dtype=np.int32)
         if ids.size > self.cfg.max_prompt_length:
             raise ValueError(
@@ -62,6 +66,10 @@ class PromptSource:
         row = self.rows[index]
         text, ids = self._encode(index)
         return PromptItem(
-            prompt_id=f"{row.data_source}:{row.index}", epoch=epoch, text=text, token_ids=ids,
-            ground_truth=row.ground_truth, data_source=row.data_source,
+            prompt_id=f"{row.data_source}:{row.index}",
+            epoch=epoch,
+            text=text,
+            token_ids=ids,
+            ground_truth=row.ground_truth,
+            data_source=row.data_source,
         )

@@ -34,27 +34,49 @@ from services.sampler.batcher import BatchAssembler, check_gen_budget, gen_round
 from services.sampler.prompts import PromptSource
 
 log = logging.getLogger(__name__)
+
+
 class SamplerMetrics:
     def __init__(self, registry) -> None:
-        self.groups = Counter("dapo_sampler_groups", "Scored groups by outcome", ["outcome"],
-                              registry=registry)
-        self.dispatched = Counter("dapo_sampler_prompts_dispatched", "Prompt tasks dispatched",
-                                  registry=registry)
-        self.batches = Counter("dapo_sampler_batches", "Training batches published",
-                               registry=registry)
-        self.in_flight = Gauge("dapo_sampler_in_flight", "Prompts dispatched, not resolved",
-                               registry=registry)
-        self.held = Gauge("dapo_sampler_held_groups", "Kept groups waiting for a batch",
-                          registry=registry)
-        self.version_lag = Histogram("dapo_sampler_version_lag", "Published versions since "
-                                     "the group's generating version", buckets=(0, 1, 2, 3, 4, 8),
-                                     registry=registry)
-        self.stream_lag = Gauge("dapo_stream_lag", "Entries not yet delivered to the group",
-                                ["stream", "group"], registry=registry)
-        self.dead = Gauge("dapo_dead_letters", "Messages dead-lettered, by source stream",
-                          ["stream"], registry=registry)
-        self.stream_pending = Gauge("dapo_stream_pending", "Delivered, unacknowledged entries",
-                                    ["stream", "group"], registry=registry)
+        self.groups = Counter(
+            "dapo_sampler_groups", "Scored groups by outcome", ["outcome"], registry=registry
+        )
+        self.dispatched = Counter(
+            "dapo_sampler_prompts_dispatched", "Prompt tasks dispatched", registry=registry
+        )
+        self.batches = Counter(
+            "dapo_sampler_batches", "Training batches published", registry=registry
+        )
+        self.in_flight = Gauge(
+            "dapo_sampler_in_flight", "Prompts dispatched, not resolved", registry=registry
+        )
+        self.held = Gauge(
+            "dapo_sampler_held_groups", "Kept groups waiting for a batch", registry=registry
+        )
+        self.version_lag = Histogram(
+            "dapo_sampler_version_lag",
+            "Published versions since the group's generating version",
+            buckets=(0, 1, 2, 3, 4, 8),
+            registry=registry,
+        )
+        self.stream_lag = Gauge(
+            "dapo_stream_lag",
+            "Entries not yet delivered to the group",
+            ["stream", "group"],
+            registry=registry,
+        )
+        self.dead = Gauge(
+            "dapo_dead_letters",
+            "Messages dead-lettered, by source stream",
+            ["stream"],
+            registry=registry,
+        )
+        self.stream_pending = Gauge(
+            "dapo_stream_pending",
+            "Delivered, unacknowledged entries",
+            ["stream", "group"],
+            registry=registry,
+        )
 
 
 @dataclass
@@ -81,8 +103,9 @@ class Sampler:
         return read_account(self.rt.client, self.rt.run_id)
 
     def _reset_stats(self) -> None:
-        self._stats = {k: 0 for k in ("kept", "filtered_all_correct", "filtered_all_wrong",
-                                      "dropped_stale")}
+        self._stats = {
+            k: 0 for k in ("kept", "filtered_all_correct", "filtered_all_wrong", "dropped_stale")
+        }
 
     # -- versions ------------------------------------------------------------
     def refresh_versions(self) -> None:
@@ -107,12 +130,19 @@ class Sampler:
         room = self.spec.in_flight_limit - (acc["in_flight"])
         sent = 0
         for seq in range(acc["dispatched"], acc["dispatched"] + max(room, 0)):
-            check_gen_budget(acc["prompts_since_batch"] + sent, self.spec.data.train_batch_size,
-                             self.spec.algorithm.filter_groups.max_num_gen_batches)
+            check_gen_budget(
+                acc["prompts_since_batch"] + sent,
+                self.spec.data.train_batch_size,
+                self.spec.algorithm.filter_groups.max_num_gen_batches,
+            )
             task = self._task(seq)
-            self.rt.bus.commit(stream="prompts", msg=task, dedupe_key=task.group_id,
-                               counters={"dispatched": 1, "prompts_since_batch": 1},
-                               counters_key=self.account_key)
+            self.rt.bus.commit(
+                stream="prompts",
+                msg=task,
+                dedupe_key=task.group_id,
+                counters={"dispatched": 1, "prompts_since_batch": 1},
+                counters_key=self.account_key,
+            )
             sent += 1
         self.metrics.dispatched.inc(sent)
         return sent
@@ -121,11 +151,21 @@ class Sampler:
         item = self.source.item(seq)
         ro = self.spec.rollout
         return PromptTask(
-            run_id=self.rt.run_id, group_id=f"{self.rt.run_id}-{seq}", prompt_id=item.prompt_id,
-            epoch=item.epoch, prompt_text=item.text, prompt_ids=item.token_ids,
-            ground_truth=item.ground_truth, data_source=item.data_source, n=ro.n,
-            sampling=SamplingSpec(temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
-                                  max_new_tokens=self.spec.data.max_response_length),
+            run_id=self.rt.run_id,
+            group_id=f"{self.rt.run_id}-{seq}",
+            prompt_id=item.prompt_id,
+            epoch=item.epoch,
+            prompt_text=item.text,
+            prompt_ids=item.token_ids,
+            ground_truth=item.ground_truth,
+            data_source=item.data_source,
+            n=ro.n,
+            sampling=SamplingSpec(
+                temperature=ro.temperature,
+                top_p=ro.top_p,
+                top_k=ro.top_k,
+                max_new_tokens=self.spec.data.max_response_length,
+            ),
             dispatch_version=self.published[-1],
         )
 
@@ -141,8 +181,9 @@ class Sampler:
         for _, d in self._assembler.expire_stale(self.published):
             self._stats["dropped_stale"] += 1
             self.metrics.groups.labels("dropped_stale").inc()
-            self.rt.bus.commit(ack=[d], counters={"dropped_stale": 1},
-                               counters_key=self.account_key)
+            self.rt.bus.commit(
+                ack=[d], counters={"dropped_stale": 1}, counters_key=self.account_key
+            )
 
     def maybe_publish_batch(self) -> bool:
         acc = self.account()
@@ -152,17 +193,26 @@ class Sampler:
         groups = [g for g, _ in items]
         lag = float(np.mean([self.published[-1] - g.policy_version for g in groups]))
         batch = TrainingBatch(
-            run_id=self.rt.run_id, batch_id=acc["batches"], groups=groups,
+            run_id=self.rt.run_id,
+            batch_id=acc["batches"],
+            groups=groups,
             stats=BatchStats(
                 gen_rounds=gen_rounds(acc["prompts_since_batch"], self.spec.data.train_batch_size),
-                mean_version_lag=max(lag, 0.0), **self._stats,
+                mean_version_lag=max(lag, 0.0),
+                **self._stats,
             ),
         )
         self.rt.bus.commit(
-            stream="batches", msg=batch, dedupe_key=f"batch-{batch.batch_id}",
-            ack=[d for _, d in items], counters_key=self.account_key,
-            counters={"trained": len(groups), "batches": 1,
-                      "prompts_since_batch": -acc["prompts_since_batch"]},
+            stream="batches",
+            msg=batch,
+            dedupe_key=f"batch-{batch.batch_id}",
+            ack=[d for _, d in items],
+            counters_key=self.account_key,
+            counters={
+                "trained": len(groups),
+                "batches": 1,
+                "prompts_since_batch": -acc["prompts_since_batch"],
+            },
         )
         self.metrics.batches.inc()
         log.info("batch %d published: %d groups, %s", batch.batch_id, len(groups), self._stats)
@@ -172,8 +222,9 @@ class Sampler:
     def step(self) -> None:
         self.refresh_versions()
         self.dispatch()
-        got = self.rt.bus.consume("scored", "sampler", self.consumer, count=256, block_ms=200,
-                                  reclaim=False)
+        got = self.rt.bus.consume(
+            "scored", "sampler", self.consumer, count=256, block_ms=200, reclaim=False
+        )
         self.absorb(got)
         while self.maybe_publish_batch():
             pass

@@ -21,8 +21,16 @@ def test_every_shipped_config_validates(path):
 
 def test_paper_recipe_values():
     spec = load_run_spec("dapo-qwen2.5-32b", environ={})
-    assert (spec.data.train_batch_size, spec.rollout.n, spec.actor.ppo_mini_batch_size) == (512, 16, 32)
-    assert (spec.actor.clip_ratio_low, spec.actor.clip_ratio_high, spec.actor.clip_ratio_c) == (0.2, 0.28, 10.0)
+    assert (spec.data.train_batch_size, spec.rollout.n, spec.actor.ppo_mini_batch_size) == (
+        512,
+        16,
+        32,
+    )
+    assert (spec.actor.clip_ratio_low, spec.actor.clip_ratio_high, spec.actor.clip_ratio_c) == (
+        0.2,
+        0.28,
+        10.0,
+    )
     assert spec.actor.loss_agg_mode == "token-mean"
     assert spec.actor.optim.lr == 1e-6 and spec.actor.optim.weight_decay == 0.1
     assert spec.reward.overlong_buffer.len == 4096 and spec.data.max_response_length == 20480
@@ -72,7 +80,9 @@ def test_bad_yaml_and_missing_file(tmp_path):
 def test_cli_validate_rejects_bad_field_before_starting():
     proc = subprocess.run(
         [sys.executable, "-m", "dapo.cli", "validate", "-c", "cpu-small", "rollout.temperature=0"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "rollout.temperature" in proc.stderr
@@ -81,7 +91,9 @@ def test_cli_validate_rejects_bad_field_before_starting():
 def test_cli_help_is_fast_and_lists_commands():
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "dapo.cli", "--help"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0
     for cmd in ("up", "service", "score", "eval"):

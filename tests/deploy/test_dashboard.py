@@ -60,9 +60,14 @@ def start_prometheus(tmp_path: Path, targets: list[str]) -> tuple[subprocess.Pop
         f"      - targets: {json.dumps(targets)}\n"
     )
     proc = subprocess.Popen(
-        [prometheus_binary(), f"--config.file={config}", f"--storage.tsdb.path={tmp_path/'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("w"),
+        [
+            prometheus_binary(),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "prometheus.log").open("w"),
     )
     deadline = time.monotonic() + 30
     while True:
@@ -70,8 +75,9 @@ def start_prometheus(tmp_path: Path, targets: list[str]) -> tuple[subprocess.Pop
             get(f"http://127.0.0.1:{port}/-/ready")
             return proc, port
         except OSError:
-            assert time.monotonic() < deadline and proc.poll() is None, \
-                (tmp_path / "prometheus.log").read_text()[-2000:]
+            assert time.monotonic() < deadline and proc.poll() is None, (
+                tmp_path / "prometheus.log"
+            ).read_text()[-2000:]
             time.sleep(0.2)
 
 
@@ -86,9 +92,12 @@ def query_range(port: int, expr: str, seconds: int = 300) -> list:
 def test_metrics_and_every_dashboard_panel_have_data(tmp_path, redis_url):
     binary = prometheus_binary()
     assert binary
-    spec = small_spec(make_model_dir(tmp_path / "model"), make_dataset(tmp_path / "d.jsonl"),
-                      tmp_path / "runs", trainer={"total_training_steps": 14, "save_freq": 7,
-                                                  "runs_dir": str(tmp_path / "runs")})
+    spec = small_spec(
+        make_model_dir(tmp_path / "model"),
+        make_dataset(tmp_path / "d.jsonl"),
+        tmp_path / "runs",
+        trainer={"total_training_steps": 14, "save_freq": 7, "runs_dir": str(tmp_path / "runs")},
+    )
     store, stack = start_run(redis_url, spec, rollout_workers=1)
     prom = None
     try:
@@ -103,7 +112,9 @@ def test_metrics_and_every_dashboard_panel_have_data(tmp_path, redis_url):
             assert not missing, f"{p.worker_id} lacks {missing}"
         wait_status(store, stack, stack.run_id, {"completed"})
         time.sleep(3)  # a few more scrapes of the services still up
-        empty = [(title, expr) for title, expr in panel_queries() if not query_range(prom_port, expr)]
+        empty = [
+            (title, expr) for title, expr in panel_queries() if not query_range(prom_port, expr)
+        ]
         assert not empty, f"panels without data: {empty}"
     finally:
         stack.stop()

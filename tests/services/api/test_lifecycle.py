@@ -28,9 +28,12 @@ def wait_for(predicate, timeout_s: float, what: str, stack: Stack):
 
 
 def test_start_progress_pause_resume_stop(tmp_path, redis_url):
-    spec = small_spec(make_model_dir(tmp_path / "model"), make_dataset(tmp_path / "d.jsonl"),
-                      tmp_path / "runs", trainer={"total_training_steps": 1000, "save_freq": 0,
-                                                  "runs_dir": str(tmp_path / "runs")})
+    spec = small_spec(
+        make_model_dir(tmp_path / "model"),
+        make_dataset(tmp_path / "d.jsonl"),
+        tmp_path / "runs",
+        trainer={"total_training_steps": 1000, "save_freq": 0, "runs_dir": str(tmp_path / "runs")},
+    )
     settings = ApiSettings(redis_url=redis_url, port=0, token="s3cret")
     app = create_app(settings, redis.Redis.from_url(redis_url))
     with serve_in_thread(app) as url:

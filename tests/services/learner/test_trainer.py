@@ -27,20 +27,35 @@ torch.set_num_threads(1)
 
 def tiny_model(dtype=torch.float32) -> Qwen2ForCausalLM:
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      eos_token_id=1, pad_token_id=0, tie_word_embeddings=True)
+    cfg = Qwen2Config(
+        vocab_size=48,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=1,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+    )
     return Qwen2ForCausalLM(cfg).to(dtype)
 
 
 def spec(**actor) -> RunSpec:
-    return RunSpec.model_validate({
-        "data": {"train_batch_size": 4, "max_response_length": 12},
-        "rollout": {"n": 4},
-        "actor": {"ppo_mini_batch_size": 4, "ppo_micro_batch_size": 16,
-                  "optim": {"lr": 1e-2, "lr_warmup_steps": 0}, **actor},
-        "reward": {"overlong_buffer": {"len": 4}},
-    })
+    return RunSpec.model_validate(
+        {
+            "data": {"train_batch_size": 4, "max_response_length": 12},
+            "rollout": {"n": 4},
+            "actor": {
+                "ppo_mini_batch_size": 4,
+                "ppo_micro_batch_size": 16,
+                "optim": {"lr": 1e-2, "lr_warmup_steps": 0},
+                **actor,
+            },
+            "reward": {"overlong_buffer": {"len": 4}},
+        }
+    )
 
 
 def rollout_batch(model, n_groups=4, seed=0) -> TrainingBatch:
@@ -51,16 +66,33 @@ def rollout_batch(model, n_groups=4, seed=0) -> TrainingBatch:
     groups = []
     for gi, (prompt, comps) in enumerate(zip(prompts, outs, strict=True)):
         samples = [
-            ScoredSample(response_ids=c.token_ids, logprobs=c.logprobs,
-                         finish_reason=c.finish_reason, score=1.0 if j % 2 else -1.0,
-                         acc=bool(j % 2), overlong_penalty=0.0, length=len(c.token_ids),
-                         truncated=c.finish_reason == "length")
+            ScoredSample(
+                response_ids=c.token_ids,
+                logprobs=c.logprobs,
+                finish_reason=c.finish_reason,
+                score=1.0 if j % 2 else -1.0,
+                acc=bool(j % 2),
+                overlong_penalty=0.0,
+                length=len(c.token_ids),
+                truncated=c.finish_reason == "length",
+            )
             for j, c in enumerate(comps)
         ]
-        groups.append(ScoredGroup(run_id="r", group_id=f"g{gi}", prompt_id=str(gi),
-                                  prompt_ids=np.array(prompt), ground_truth="1", n=4,
-                                  policy_version=0, worker_id="w", engine="hf", gen_seconds=0.0,
-                                  samples=samples))
+        groups.append(
+            ScoredGroup(
+                run_id="r",
+                group_id=f"g{gi}",
+                prompt_id=str(gi),
+                prompt_ids=np.array(prompt),
+                ground_truth="1",
+                n=4,
+                policy_version=0,
+                worker_id="w",
+                engine="hf",
+                gen_seconds=0.0,
+                samples=samples,
+            )
+        )
     return TrainingBatch(run_id="r", batch_id=0, groups=groups, stats=BatchStats(kept=4))
 
 
@@ -72,8 +104,9 @@ def test_learner_logprobs_match_the_rollout_engine():
     model.eval()
     with torch.no_grad():
         logp, _ = trainer.forward_logp(model, packed)
-    torch.testing.assert_close(logp * packed.mask, packed.old_logp_rollout * packed.mask,
-                               atol=2e-4, rtol=0)
+    torch.testing.assert_close(
+        logp * packed.mask, packed.old_logp_rollout * packed.mask, atol=2e-4, rtol=0
+    )
 
 
 def test_micro_batching_gives_the_same_update():

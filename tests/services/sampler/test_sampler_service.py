@@ -26,12 +26,32 @@ def model_dir(tmp_path_factory):
 
 
 def scored(run_id: str, gid: str, accs: list[bool], version: int) -> ScoredGroup:
-    samples = [ScoredSample(response_ids=[65, 256], logprobs=[-0.5, -0.1], finish_reason="stop",
-                            score=1.0 if a else -1.0, acc=a, overlong_penalty=0.0, length=2,
-                            truncated=False) for a in accs]
-    return ScoredGroup(run_id=run_id, group_id=gid, prompt_id="p", prompt_ids=np.array([49, 43]),
-                       ground_truth="2", n=len(accs), policy_version=version, worker_id="w",
-                       engine="hf", gen_seconds=0.0, samples=samples)
+    samples = [
+        ScoredSample(
+            response_ids=[65, 256],
+            logprobs=[-0.5, -0.1],
+            finish_reason="stop",
+            score=1.0 if a else -1.0,
+            acc=a,
+            overlong_penalty=0.0,
+            length=2,
+            truncated=False,
+        )
+        for a in accs
+    ]
+    return ScoredGroup(
+        run_id=run_id,
+        group_id=gid,
+        prompt_id="p",
+        prompt_ids=np.array([49, 43]),
+        ground_truth="2",
+        n=len(accs),
+        policy_version=version,
+        worker_id="w",
+        engine="hf",
+        gen_seconds=0.0,
+        samples=samples,
+    )
 
 
 def new_sampler(rt, spec, model_dir, data) -> Sampler:
@@ -42,10 +62,13 @@ def new_sampler(rt, spec, model_dir, data) -> Sampler:
 
 def test_sampler_flow_and_restart(model_dir, tmp_path, redis_url):
     data = make_dataset(tmp_path / "d.jsonl", n=5)
-    spec = small_spec(model_dir, data, tmp_path / "runs",
-                      trainer={"total_training_steps": 4, "max_in_flight": 6,
-                               "runs_dir": str(tmp_path / "runs")},
-                      algorithm={"max_staleness": 1, "filter_groups": {"metric": "acc"}})
+    spec = small_spec(
+        model_dir,
+        data,
+        tmp_path / "runs",
+        trainer={"total_training_steps": 4, "max_in_flight": 6, "runs_dir": str(tmp_path / "runs")},
+        algorithm={"max_staleness": 1, "filter_groups": {"metric": "acc"}},
+    )
     store = RunStore(__import__("redis").Redis.from_url(redis_url))
     run_id = store.create(spec).run_id
     store.set_status(run_id, "running")
@@ -58,23 +81,29 @@ def test_sampler_flow_and_restart(model_dir, tmp_path, redis_url):
         assert rt.bus.length("prompts") == 6
         # the learner publishes versions 1 and 2; scored groups arrive
         for v in (1, 2):
-            rt.bus.publish("versions", WeightVersion(run_id=run_id, version=v, step=v,
-                                                     checksum="c", num_bytes=0))
+            rt.bus.publish(
+                "versions",
+                WeightVersion(run_id=run_id, version=v, step=v, checksum="c", num_bytes=0),
+            )
         rt.bus.publish("scored", scored(run_id, "s0", [True, False, True, False], 0))  # 2 stale
         rt.bus.publish("scored", scored(run_id, "s1", [True] * 4, 2))
         rt.bus.publish("scored", scored(run_id, "s2", [False] * 4, 2))
         rt.bus.publish("scored", scored(run_id, "s3", [True, False, False, False], 1))
         sampler.step()
         acc = read_account(rt.client, run_id)
-        assert (acc["dropped_stale"], acc["filtered_all_correct"], acc["filtered_all_wrong"]) == \
-            (1, 1, 1)
+        assert (acc["dropped_stale"], acc["filtered_all_correct"], acc["filtered_all_wrong"]) == (
+            1,
+            1,
+            1,
+        )
         assert acc["batches"] == 0 and len(sampler._assembler.held) == 1
         # a restart: a fresh sampler gets its held group back from the stream, not twice counted
         rt.bus = RedisBus(rt.client, run_id)  # a new process has a new bus client
         restarted = new_sampler(rt, spec, model_dir, data)
         restarted.refresh_versions()
-        restarted.absorb(rt.bus.consume("scored", "sampler", "sampler-0", count=10,
-                                        block_ms=10, reclaim=False))
+        restarted.absorb(
+            rt.bus.consume("scored", "sampler", "sampler-0", count=10, block_ms=10, reclaim=False)
+        )
         assert len(restarted._assembler.held) == 1
         rt.bus.publish("scored", scored(run_id, "s4", [False, True, False, True], 2))
         restarted.step()
