@@ -56,6 +56,11 @@ class LearnerMetrics:
         self.sync_failures = Counter(
             "dapo_weight_sync_failures", "Broadcasts abandoned", registry=registry
         )
+        self.mismatched = Gauge(
+            "dapo_weight_mismatched_workers",
+            "Live rollout workers not holding the previous broadcast exactly",
+            registry=registry,
+        )
         self.sync_bytes = Counter("dapo_weight_sync_bytes", "Bytes broadcast", registry=registry)
 
     def observe_step(self, f: dict) -> None:

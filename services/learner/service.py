@@ -18,7 +18,7 @@ from pathlib import Path
 from dapo.bus import Delivery
 from dapo.keys import run_key
 from dapo.service import ServiceRuntime
-from dapo.weightsync import WeightSyncError
+from dapo.weightsync import WeightSyncError, stale_or_mismatched_workers
 from proto.messages import TrainingBatch, WeightVersion
 from services.learner.checkpoint import prune_checkpoints, save_checkpoint
 from services.learner.metrics import LearnerMetrics
@@ -41,6 +41,7 @@ class LearnerLoop:
     held: list[Delivery] = field(default_factory=list)
     last_ckpt: Path | None = None
     _ckpt_step: int = -1
+    _last_broadcast: int | None = None
 
     def __post_init__(self) -> None:
         self.metrics = LearnerMetrics(self.rt.registry)
@@ -74,6 +75,19 @@ class LearnerLoop:
             return
         self.metrics.observe_sync(stats)
         self.announce(stats.checksum, stats.bytes)
+        self.check_workers()
+
+    def check_workers(self) -> None:
+        """Workers that did not load the previous broadcast bit for bit (they catch up at this
+        one, which carries the full weights); counted and logged, not fatal."""
+        if self._last_broadcast is not None:
+            bad = stale_or_mismatched_workers(self.rt.client, self.rt.run_id, self._last_broadcast)
+            self.metrics.mismatched.set(len(bad))
+            for worker, reason in bad.items():
+                log.warning(
+                    "worker %s disagrees on version %d: %s", worker, self._last_broadcast, reason
+                )
+        self._last_broadcast = self.trainer.version
 
     def checkpoint(self) -> None:
         self.last_ckpt = save_checkpoint(
