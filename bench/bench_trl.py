@@ -93,7 +93,9 @@ def write_prompts(path: Path) -> Path:
     payload = [
         {
             "prompt": render_prompt(
-                row, tokenizer, template=spec.data.prompt_template,
+                row,
+                tokenizer,
+                template=spec.data.prompt_template,
                 apply_chat_template=spec.data.apply_chat_template,
             ),
             "ground_truth": row.ground_truth,
@@ -115,8 +117,18 @@ def parse_result(stdout: str) -> dict:
 
 def run_trl(python: Path, model_dir: Path, prompts: Path) -> dict:
     cmd = [
-        str(python), str(SCRIPT), "--model", str(model_dir), "--prompts", str(prompts),
-        "--steps", str(STEPS), "--warmup", str(WARMUP), "--threads", str(THREADS),
+        str(python),
+        str(SCRIPT),
+        "--model",
+        str(model_dir),
+        "--prompts",
+        str(prompts),
+        "--steps",
+        str(STEPS),
+        "--warmup",
+        str(WARMUP),
+        "--threads",
+        str(THREADS),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "PYTHONWARNINGS": "ignore"}
     env.pop("PYTHONPATH", None)  # the script must see only its own venv and the repo root

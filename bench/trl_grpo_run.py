@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -68,17 +69,16 @@ def verifier_reward(completions: list, ground_truth: list[str], **_: object) -> 
     return [float(verify(c, gt).score) for c, gt in zip(completions, ground_truth, strict=True)]
 
 
-def make_step_clock(warmup: int, total: int):
-    """A TrainerCallback recording the wall time at the end of step ``warmup`` and ``total``."""
+def make_step_clock():
+    """A TrainerCallback recording the wall time at the end of every optimizer step."""
     from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
         def __init__(self) -> None:
-            self.marks: dict[int, float] = {}
+            self.marks: dict[int, float] = {}  # global step -> perf_counter at its end
 
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
-            if state.global_step in (warmup, total):
-                self.marks[state.global_step] = time.perf_counter()
+            self.marks[state.global_step] = time.perf_counter()
 
     return StepClock()
 
@@ -122,6 +122,26 @@ def grpo_config(args: argparse.Namespace, output_dir: str):
     )
 
 
+def summarize(marks: dict[int, float], warmup: int, steps: int) -> dict[str, float]:
+    """Throughput over steps ``warmup + 1 .. warmup + steps`` from the step-end times."""
+    missing = {warmup, warmup + steps} - set(marks)
+    if missing:
+        raise RuntimeError(f"training stopped before step(s) {sorted(missing)}")
+    seconds = marks[warmup + steps] - marks[warmup]
+    per_step = PROMPTS_PER_STEP * NUM_GENERATIONS
+    # The median step is less sensitive than the mean to other processes on shared cores.
+    median_s = statistics.median(
+        marks[i] - marks[i - 1] for i in range(warmup + 1, warmup + steps + 1)
+    )
+    return {
+        "samples_per_s": steps * per_step / seconds,
+        "steps": steps,
+        "seconds": seconds,
+        "median_step_s": median_s,
+        "median_step_samples_per_s": per_step / median_s,
+    }
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     import torch
@@ -141,7 +161,7 @@ def main(argv: list[str]) -> int:
     train = datasets.Dataset.from_list(rows)
     tokenizer = AutoTokenizer.from_pretrained(str(args.model))
     model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.float32)
-    clock = make_step_clock(args.warmup, args.warmup + args.steps)
+    clock = make_step_clock()
     with tempfile.TemporaryDirectory(prefix="trl-grpo-") as out:
         trainer = GRPOTrainer(
             model=model,
@@ -152,19 +172,9 @@ def main(argv: list[str]) -> int:
             callbacks=[clock],
         )
         trainer.train()
-    missing = {args.warmup, args.warmup + args.steps} - set(clock.marks)
-    if missing:
-        raise RuntimeError(f"training stopped before step(s) {sorted(missing)}")
-    seconds = clock.marks[args.warmup + args.steps] - clock.marks[args.warmup]
-    samples = args.steps * PROMPTS_PER_STEP * NUM_GENERATIONS
-    print(json.dumps({
-        "samples_per_s": samples / seconds,
-        "steps": args.steps,
-        "seconds": seconds,
-        "trl_version": trl.__version__,
-        "transformers_version": transformers.__version__,
-        "torch_version": torch.__version__,
-    }), flush=True)
+    figures = summarize(clock.marks, args.warmup, args.steps)
+    versions = {"trl_version": trl.__version__, "transformers_version": transformers.__version__}
+    print(json.dumps({**figures, **versions, "torch_version": torch.__version__}), flush=True)
     return 0
 
 
