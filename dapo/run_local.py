@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -68,6 +69,10 @@ class LocalRun:
         return model_dir
 
     def main(self) -> int:
+        # Ctrl-C (and a supervisor's SIGTERM) become one graceful path, even where the
+        # shell started us with SIGINT ignored: stop the run, then every process we started.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.default_int_handler)
         t_start = time.time()
         print(f"preparing (model, data) for run spec '{self.spec.name}' ...", flush=True)
         model_dir = self.prepare()

@@ -133,3 +133,55 @@ def test_dataset_row_without_answer_is_reported_before_anything_starts(model_dir
     assert "row 4" in proc.stderr or "line 5" in proc.stderr, proc.stderr
     assert "ground_truth" in proc.stderr
     assert not (tmp_path / "runs").exists()  # no run was created
+
+
+def test_ctrl_c_stops_the_run_gracefully_and_every_process(model_dir, tmp_path):
+    data = make_dataset(tmp_path / "train.jsonl")
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dapo.cli",
+            "up",
+            "--skip-eval",
+            f"model.path={model_dir}",
+            f"data.train_files=[{data}]",
+            f"data.val_files=[{data}]",
+            "data.train_batch_size=2",
+            "data.max_response_length=8",
+            "rollout.n=4",
+            "actor.ppo_mini_batch_size=2",
+            "reward.overlong_buffer.len=6",
+            "algorithm.filter_groups.metric=score",
+            "trainer.total_training_steps=100000",
+            "trainer.save_freq=0",
+            f"trainer.runs_dir={runs}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, DAPO_REDIS_URL=""),
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while (
+            not list(runs.glob("*/metrics.jsonl"))
+            or len(next(runs.glob("*/metrics.jsonl")).read_text().splitlines()) < 2
+        ):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C does
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out[-3000:]
+    (run_dir,) = list(runs.iterdir())
+    assert list((run_dir / "checkpoints").glob("step_*/model.safetensors"))  # final checkpoint
+    # every service the launcher listed as healthy is gone
+    pids = [int(line.split()[1]) for line in out.splitlines() if line.endswith(" healthy")]
+    assert len(pids) == 5
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
