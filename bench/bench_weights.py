@@ -30,7 +30,8 @@ import torch
 
 from dapo.buckets import start_broadcast
 from dapo.redis_embed import EmbeddedRedis
-from dapo.weightsync import WeightReceiver, WeightSender
+from dapo.weight_receiver import WeightReceiver
+from dapo.weightsync import WeightSender
 
 HIDDEN, MLP, BLOCKS, VOCAB, ROUNDS = 512, 2048, 10, 8192, 8
 TIMEOUT = timedelta(seconds=60)

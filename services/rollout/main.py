@@ -11,7 +11,8 @@ from pydantic import Field
 from dapo.config import ServiceSettings
 from dapo.models import pick_device, resolve_model_dir
 from dapo.service import ServiceRuntime
-from dapo.weightsync import WeightReceiver, latest_checkpoint
+from dapo.weight_receiver import WeightReceiver
+from dapo.weightsync import latest_checkpoint
 from services.rollout.service import RolloutWorker
 
 log = logging.getLogger(__name__)

@@ -62,7 +62,7 @@ def to_params(task: PromptTask) -> SamplingParams:
 class RolloutWorker:
     rt: ServiceRuntime
     engine: InferenceEngine
-    receiver: object  # dapo.weightsync.WeightReceiver
+    receiver: object  # dapo.weight_receiver.WeightReceiver
     engine_name: str
     version: int = 0
     max_prompts: int = 8

@@ -22,10 +22,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from dapo.buckets import ALIGN_BYTES, ROW_BYTES, BucketLayout, FlatBuffers, buffer_checksum
+from dapo.weight_receiver import WeightReceiver
 from dapo.weightsync import (
     CheckpointRef,
     LayoutMismatchError,
-    WeightReceiver,
     WeightSender,
     WeightSyncError,
     needs_checkpoint,
