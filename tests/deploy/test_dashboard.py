@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dapo.redis_embed import free_port
-from tests.e2e_helpers import make_dataset, make_model_dir, small_spec, start_run, wait_status
+from tests.e2e_helpers import make_dataset, make_model_dir, small_spec, start_run
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "grafana-dashboard.json"
 KEY_SERIES = {
@@ -96,7 +96,11 @@ def test_metrics_and_every_dashboard_panel_have_data(tmp_path, redis_url):
         make_model_dir(tmp_path / "model"),
         make_dataset(tmp_path / "d.jsonl"),
         tmp_path / "runs",
-        trainer={"total_training_steps": 14, "save_freq": 7, "runs_dir": str(tmp_path / "runs")},
+        trainer={
+            "total_training_steps": 100000,
+            "save_freq": 0,
+            "runs_dir": str(tmp_path / "runs"),
+        },
     )
     store, stack = start_run(redis_url, spec, rollout_workers=1)
     prom = None
@@ -110,11 +114,13 @@ def test_metrics_and_every_dashboard_panel_have_data(tmp_path, redis_url):
         for p in stack.procs:  # every service's /metrics parses and has its key series
             missing = KEY_SERIES[p.kind] - families(p.port)
             assert not missing, f"{p.worker_id} lacks {missing}"
-        wait_status(store, stack, stack.run_id, {"completed"})
-        time.sleep(3)  # a few more scrapes of the services still up
-        empty = [
-            (title, expr) for title, expr in panel_queries() if not query_range(prom_port, expr)
-        ]
+        # the run goes on while Prometheus scrapes it: every panel must get data in time
+        empty = panel_queries()
+        deadline = time.monotonic() + 120
+        while empty and time.monotonic() < deadline:
+            stack.check_alive()
+            empty = [(title, expr) for title, expr in empty if not query_range(prom_port, expr)]
+            time.sleep(1.0)
         assert not empty, f"panels without data: {empty}"
     finally:
         stack.stop()
