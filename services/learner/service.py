@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,8 @@ class LearnerLoop:
     last_ckpt: Path | None = None
     _ckpt_step: int = -1
     _last_broadcast: int | None = None
+    save: Callable[..., Path] = save_checkpoint
+    """Writes a checkpoint: (root, step, model, tokenizer, trainer_state, optimizer) -> dir."""
 
     def __post_init__(self) -> None:
         self.metrics = LearnerMetrics(self.rt.registry)
@@ -90,7 +93,7 @@ class LearnerLoop:
         self._last_broadcast = self.trainer.version
 
     def checkpoint(self) -> None:
-        self.last_ckpt = save_checkpoint(
+        self.last_ckpt = self.save(
             self.ckpt_root,
             self.step,
             self.trainer.model,

@@ -7,6 +7,11 @@ into micro-batches whose losses are normalised by the *mini-batch's* token
 (or sequence) count, so gradient accumulation is exact. A step whose loss or
 gradient norm is not finite is skipped and counted; the version only moves
 when the weights do.
+
+Given ``ranks`` (an FSDP-sharded model under torchrun, see
+``services.learner.distributed``) the micro-batches are dealt over ranks,
+padded with zero-loss dummies so every rank runs the same collectives; the
+skip test, the gradient norm and the reported figures are global.
 """
 
 from __future__ import annotations
@@ -15,18 +20,24 @@ import math
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from proto.messages import TrainingBatch
 from proto.runspec import RunSpec
 from services.learner.batching import PackedSamples, micro_batches, mini_batches, pack_batch
+from services.learner.distributed import padded_share
 from services.learner.loss import (
     apply_overlong_filter,
     loss_normalizer,
     policy_loss,
     token_log_probs,
 )
+
+# figures already identical on every rank (not summed over ranks)
+_GLOBAL_FIGURES = ("loss", "grad_norm", "skipped", "lr", "_mini")
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -54,6 +65,7 @@ class Trainer:
     optimizer_steps: int = 0
     skipped_steps: int = 0
     ref_model: torch.nn.Module | None = None
+    ranks: Any = None  # services.learner.distributed.Ranks when sharded over ranks
     optimizer: torch.optim.Optimizer = field(init=False)
 
     def __post_init__(self) -> None:
@@ -84,17 +96,33 @@ class Trainer:
         logp = token_log_probs(logits, mb.resp_ids)
         return (logp, logits) if with_logits else (logp, None)
 
+    def _share(self, mbs: list[torch.Tensor]) -> list[tuple[torch.Tensor, bool]]:
+        """(rows, is_dummy) of the micro-batches this rank runs: all of them in one process;
+        dealt round-robin over ranks, padded with dummies re-running the first, otherwise."""
+        if self.ranks is None:
+            return [(rows, False) for rows in mbs]
+        share = padded_share(len(mbs), self.ranks.rank, self.ranks.world)
+        return [(mbs[0], True) if i is None else (mbs[i], False) for i in share]
+
     @torch.no_grad()
     def _fixed_logp(self, model, packed: PackedSamples) -> torch.Tensor:
-        out = None
+        out = torch.zeros(packed.mask.shape, dtype=self._logp_dtype())
         size = self.spec.actor.ppo_micro_batch_size
-        for rows in micro_batches(torch.arange(len(packed)), size):
+        for rows, dummy in self._share(micro_batches(torch.arange(len(packed)), size)):
             mb = packed.select(rows).to(self.device)
             logp, _ = self.forward_logp(model, mb)
-            if out is None:
-                out = torch.zeros(packed.mask.shape, dtype=logp.dtype)
-            out[rows, : logp.shape[1]] = logp.cpu()
+            if not dummy:
+                out[rows, : logp.shape[1]] = logp.cpu().to(out.dtype)
+        if self.ranks is not None:  # rows other ranks computed are 0 here: a sum completes it
+            out = self.ranks.all_reduce_sum(out)
         return out
+
+    def _logp_dtype(self) -> torch.dtype:
+        """Log-prob dtype of a forward: float32 under autocast or for half weights."""
+        dtype = next(self.model.parameters()).dtype
+        if self.spec.actor.bf16_autocast or dtype in (torch.bfloat16, torch.float16):
+            return torch.float32
+        return dtype
 
     def train_batch(self, batch: TrainingBatch) -> dict[str, float]:
         actor = self.spec.actor
@@ -110,6 +138,9 @@ class Trainer:
             for rows in mini_batches(packed, actor.ppo_mini_batch_size):
                 stepped = self._mini_batch(packed, rows, old, ref, sums)
                 steps += int(stepped)
+        if self.ranks is not None:  # token-weighted figures were summed per rank
+            local = {k: v for k, v in sums.items() if k not in _GLOBAL_FIGURES}
+            sums.update(self.ranks.sum_dicts(local))
         return self._summary(batch, packed, sums, steps)
 
     def _mini_batch(self, packed, rows, old, ref, sums) -> bool:
@@ -118,10 +149,13 @@ class Trainer:
         normalizer = loss_normalizer(packed.mask[rows], actor.loss_agg_mode, horizon=horizon)
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = 0.0
-        for mrows in micro_batches(rows, actor.ppo_micro_batch_size):
+        for mrows, dummy in self._share(micro_batches(rows, actor.ppo_micro_batch_size)):
             mb = packed.select(mrows).to(self.device)
             t = mb.mask.shape[1]
             logp, logits = self.forward_logp(self.model, mb, with_logits=True)
+            if dummy:  # same collectives as the other ranks, zero gradient
+                (logp * 0.0).sum().backward()
+                continue
             logp_old = old[mrows, :t].to(self.device) if old is not None else mb.old_logp_rollout
             loss, m = policy_loss(
                 logp,
@@ -140,7 +174,13 @@ class Trainer:
             for k, v in m.items():
                 sums[k] += float(v) * tokens
             sums["_tokens"] += tokens
+        if self.ranks is not None:  # every rank must agree on the skip test below
+            total_loss = float(
+                self.ranks.all_reduce_sum(torch.tensor([total_loss], dtype=torch.float64))[0]
+            )
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), actor.optim.grad_clip)
+        if isinstance(grad_norm, DTensor):  # FSDP2: already the global norm, replicated
+            grad_norm = grad_norm.full_tensor()
         sums["grad_norm"] += float(grad_norm)
         sums["_mini"] += 1
         sums["loss"] += total_loss

@@ -27,7 +27,9 @@ def wait_for(predicate, timeout_s: float, what: str, stack: Stack):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_start_progress_pause_resume_stop(tmp_path, redis_url):
+def test_start_progress_pause_resume_stop(tmp_path, redis_server):
+    # a database of its own: "one active run at a time" must not see other tests' runs
+    redis_url = redis_server.rsplit("/", 1)[0] + "/13"
     spec = small_spec(
         make_model_dir(tmp_path / "model"),
         make_dataset(tmp_path / "d.jsonl"),
