@@ -16,13 +16,15 @@ from tqdm import tqdm
 
 from dapo.bus import connect
 from dapo.evaluate import EvalSpec, evaluate_model_dir
+from dapo.keys import run_key
 from dapo.launcher import SERVICE_ORDER, Stack, print_table, write_config, write_summary
-from dapo.models import pick_device, resolve_model_dir
+from dapo.models import load_tokenizer, pick_device, resolve_model_dir
 from dapo.plots import plot_run, read_metrics
 from dapo.redis_embed import EmbeddedRedis
-from dapo.runs import RunStore
+from dapo.runs import FINAL, RunStore
 from proto.runspec import RunSpec
 from services.sampler.dataset import load_default_or_files
+from services.sampler.prompts import PromptSource
 
 CACHE_DIR = os.environ.get("DAPO_CACHE_DIR") or None  # None: the repository's .cache/
 
@@ -62,7 +64,8 @@ class LocalRun:
         model_dir = resolve_model_dir(self.spec.model, CACHE_DIR, progress=True)
         key = self.spec.data.prompt_key
         # every row is validated here, so a bad one stops the run before anything starts
-        load_default_or_files(self.spec.data.train_files, CACHE_DIR, prompt_key=key)
+        train = load_default_or_files(self.spec.data.train_files, CACHE_DIR, prompt_key=key)
+        PromptSource(train, load_tokenizer(self.spec.model, CACHE_DIR), self.spec.data).check_all()
         self.val_rows = load_default_or_files(
             self.spec.data.val_files, CACHE_DIR, split="val", prompt_key=key
         )
@@ -155,19 +158,19 @@ class LocalRun:
     def _wait_final(self, store: RunStore, run_id: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if store.state(run_id).status in ("stopped", "completed", "failed"):
+            if store.state(run_id).status in FINAL:
                 return
             time.sleep(0.5)
 
     def _finish(self, client, run_id, run_dir, before, train_s, t_start) -> int:
-        final = client.get(f"dapo:{{{run_id}}}:final_checkpoint")
+        final = client.get(run_key(run_id, "final_checkpoint"))
         final_dir = Path(final.decode()) if final else None
         k = self.eval_spec().n
         after = {}
         if not self.skip_eval and final_dir is not None:
             after = self.evaluate(final_dir, "eval after")
         rows = read_metrics(run_dir)
-        samples = sum(self.spec.data.train_batch_size * self.spec.rollout.n for _ in rows)
+        samples = len(rows) * self.spec.data.train_batch_size * self.spec.rollout.n
         summary = {
             "run_id": run_id,
             "steps": len(rows),

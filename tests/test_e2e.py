@@ -13,6 +13,7 @@ import pytest
 import redis
 from transformers import AutoModelForCausalLM
 
+from dapo.keys import run_key
 from dapo.weightsync import stale_or_mismatched_workers
 from services.sampler.account import read_account
 from tests.e2e_helpers import (
@@ -35,7 +36,7 @@ def in_flight_on_streams(client: redis.Redis, run_id: str) -> int:
     group not yet acknowledged by its consumer (the sampler's held surplus included)."""
     total = 0
     for stream, group in (("prompts", "rollout"), ("rollouts", "reward"), ("scored", "sampler")):
-        for g in client.xinfo_groups(f"dapo:{{{run_id}}}:{stream}"):
+        for g in client.xinfo_groups(run_key(run_id, stream)):
             if g["name"].decode() == group:
                 total += int(g["pending"]) + int(g["lag"] or 0)
     return total
@@ -185,3 +186,28 @@ def test_ctrl_c_stops_the_run_gracefully_and_every_process(model_dir, tmp_path):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_over_long_prompt_is_reported_before_anything_starts(model_dir, tmp_path):
+    data = make_dataset(tmp_path / "d.jsonl")  # prompts "0+1=" .. "11+1=": 4-5 tokens
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dapo.cli",
+            "up",
+            "--skip-eval",
+            f"model.path={model_dir}",
+            f"data.train_files=[{data}]",
+            f"data.val_files=[{data}]",
+            "data.max_prompt_length=4",
+            f"trainer.runs_dir={tmp_path / 'runs'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, DAPO_REDIS_URL=""),
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "row 10: prompt is 5 tokens, over data.max_prompt_length (4)" in proc.stderr
+    assert not (tmp_path / "runs").exists()

@@ -58,6 +58,30 @@ def load_model(spec, settings, run_dir: Path, device: str):
     return model, ref, ckpt
 
 
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def serve(rt, trainer, tokenizer, sender, run_dir, step, ckpt, settings, **loop_options) -> None:
+    """The learner loop, one or many ranks alike: announce where a late worker starts, send
+    the current weights so every worker starts in agreement, then train."""
+    loop = LearnerLoop(
+        rt,
+        trainer,
+        tokenizer,
+        sender,
+        run_dir,
+        step,
+        keep_checkpoints=settings.keep_checkpoints,
+        last_ckpt=ckpt,
+        **loop_options,
+    )
+    if ckpt is not None:
+        sender.publish_checkpoint(trainer.version, str(ckpt))
+    loop.broadcast()
+    loop.serve()
+
+
 def run(settings: LearnerSettings) -> None:
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -71,7 +95,7 @@ def run(settings: LearnerSettings) -> None:
         torch.manual_seed(spec.data.seed)
         model, ref, ckpt = load_model(spec, settings, run_dir, device)
         tokenizer = load_tokenizer(spec.model, settings.cache_dir)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        pad_id = pad_token_id(tokenizer)
         trainer = Trainer(model, spec, device, pad_id, ref_model=ref)
         step = 0
         if ckpt is not None:
@@ -93,21 +117,7 @@ def run(settings: LearnerSettings) -> None:
             port=settings.sync_port,
         )
         try:
-            loop = LearnerLoop(
-                rt,
-                trainer,
-                tokenizer,
-                sender,
-                run_dir,
-                step,
-                keep_checkpoints=settings.keep_checkpoints,
-                last_ckpt=ckpt,
-            )
-            loop._ckpt_step = step if ckpt is not None else -1
-            if ckpt is not None:
-                sender.publish_checkpoint(trainer.version, str(ckpt))
-            loop.broadcast()  # resumed or initial weights: every worker starts in agreement
-            loop.serve()
+            serve(rt, trainer, tokenizer, sender, run_dir, step, ckpt, settings)
         finally:
             sender.close()
 
@@ -152,7 +162,7 @@ def lead(settings: LearnerSettings, ranks: Ranks) -> None:
             run_dir.mkdir(parents=True, exist_ok=True)
             ckpt = newest_checkpoint(run_dir / "checkpoints")
             tokenizer = load_tokenizer(spec.model, settings.cache_dir)  # prepares the model dir
-            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            pad_id = pad_token_id(tokenizer)
             ranks.send("init", spec, ckpt, pad_id)
             started = True
             trainer, step = build_sharded(spec, settings, ckpt, pad_id, ranks)
@@ -168,22 +178,17 @@ def lead(settings: LearnerSettings, ranks: Ranks) -> None:
                 share_storage=False,
             )
             try:
-                loop = LearnerLoop(
+                serve(
                     rt,
                     LeaderTrainer(trainer, ranks),
                     tokenizer,
                     LeaderSender(sender, trainer.model, ranks),
                     run_dir,
                     step,
-                    keep_checkpoints=settings.keep_checkpoints,
-                    last_ckpt=ckpt,
+                    ckpt,
+                    settings,
                     save=leader_save(ranks),
                 )
-                loop._ckpt_step = step if ckpt is not None else -1
-                if ckpt is not None:
-                    sender.publish_checkpoint(trainer.version, str(ckpt))
-                loop.broadcast()
-                loop.serve()
             finally:
                 sender.close()
         ranks.send("stop")

@@ -50,6 +50,8 @@ class LearnerLoop:
         self.metrics = LearnerMetrics(self.rt.registry)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.metrics_file = self.run_dir / "metrics.jsonl"
+        if self.last_ckpt is not None:  # resumed: that checkpoint already holds this step
+            self._ckpt_step = self.step
 
     def announce(self, checksum: str, num_bytes: int) -> None:
         msg = WeightVersion(

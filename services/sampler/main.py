@@ -5,7 +5,7 @@ from __future__ import annotations
 from dapo.config import ServiceSettings
 from dapo.models import load_tokenizer
 from dapo.service import ServiceRuntime
-from services.sampler.dataset import load_default_or_files
+from services.sampler.dataset import DatasetError, load_default_or_files
 from services.sampler.prompts import PromptSource
 from services.sampler.service import serve
 
@@ -19,8 +19,13 @@ def run(settings: SamplerSettings) -> None:
         rows = load_default_or_files(
             rt.spec.data.train_files, settings.cache_dir or None, prompt_key=rt.spec.data.prompt_key
         )
-        tokenizer = load_tokenizer(rt.spec.model, settings.cache_dir)
-        serve(rt, PromptSource(rows, tokenizer, rt.spec.data))
+        source = PromptSource(rows, load_tokenizer(rt.spec.model, settings.cache_dir), rt.spec.data)
+        try:
+            source.check_all()
+        except DatasetError as exc:  # the run cannot go on: say why where the user looks
+            rt.store.set_status(rt.run_id, "failed", error=str(exc))
+            raise
+        serve(rt, source)
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ from functools import lru_cache
 import numpy as np
 
 from proto.runspec import DataConfig
-from services.sampler.dataset import PromptRow, render_prompt
+from services.sampler.dataset import DatasetError, PromptRow, render_prompt
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,17 @@ class PromptSource:
         )
         ids = np.asarray(self.tokenizer.encode(text, add_special_tokens=False), dtype=np.int32)
         if ids.size > self.cfg.max_prompt_length:
-            raise ValueError(
+            raise DatasetError(
                 f"row {row.index}: prompt is {ids.size} tokens, over data.max_prompt_length "
                 f"({self.cfg.max_prompt_length})"
             )
         return text, ids
+
+    def check_all(self) -> None:
+        """Render and tokenise every row now, so an over-long prompt stops the run before it
+        starts (naming its row) instead of in the middle; the results stay cached."""
+        for index in range(len(self.rows)):
+            self._encode(index)
 
     def item(self, seq: int) -> PromptItem:
         epoch, pos = divmod(seq, len(self.rows))
