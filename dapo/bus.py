@@ -418,11 +418,16 @@ class RedisBus:
             return 0  # nobody consumes yet: everything is still needed
         floor = None
         for g in groups:
+            # Other consumers ack concurrently: XINFO's pending count may be stale by the
+            # time XPENDING runs, whose summary is then empty (min None). Entries delivered
+            # after XINFO are pending in that summary, so falling back to the (older)
+            # last-delivered id never drops an entry someone still needs.
+            ms, seq = _id_tuple(g["last-delivered-id"])
+            need = (ms, seq + 1)
             if int(g["pending"]):
-                need = _id_tuple(self.client.xpending(key, g["name"])["min"])
-            else:
-                ms, seq = _id_tuple(g["last-delivered-id"])
-                need = (ms, seq + 1)
+                oldest = self.client.xpending(key, g["name"]).get("min")
+                if oldest is not None:
+                    need = min(need, _id_tuple(oldest))
             floor = need if floor is None else min(floor, need)
         return int(self.client.xtrim(key, minid=f"{floor[0]}-{floor[1]}"))
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,22 @@ from dapo.redis_embed import free_port
 SERVICE_ORDER = ("sampler", "reward", "rollout", "learner")
 
 
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How the local stack restarts a service that died, as Kubernetes would restart its pod:
+    the same worker id (it resumes its own pending work), after a back-off that doubles."""
+
+    max_restarts: int = 5
+    """Restarts per process over the run; one more death fails the run."""
+    backoff_s: float = 1.0
+    """Delay before the first restart; doubled for each later one."""
+    max_backoff_s: float = 30.0
+    """Cap on the delay."""
+
+    def delay(self, restarts: int) -> float:
+        return min(self.backoff_s * 2**restarts, self.max_backoff_s)
+
+
 @dataclass
 class Proc:
     kind: str
@@ -37,6 +54,10 @@ class Proc:
     port: int
     popen: subprocess.Popen
     log_path: Path
+    env: dict = field(default_factory=dict, repr=False)
+    restarts: int = 0
+    restart_at: float | None = None
+    """When a dead process is due to be started again (None: alive, or not yet seen dead)."""
 
     def healthy(self, path: str = "/readyz") -> bool:
         try:
@@ -53,6 +74,7 @@ class Stack:
     run_dir: Path
     threads: int = 1
     procs: list[Proc] = field(default_factory=list)
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
 
     def start(self, kind: str, index: int = 0, extra_env: dict | None = None) -> Proc:
         port = free_port()
@@ -69,16 +91,43 @@ class Stack:
             DAPO_THREADS=str(self.threads),
             **(extra_env or {}),
         )
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "dapo.cli", "service", kind],
-            env=env,
-            stdout=log_path.open("w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        proc = Proc(kind, worker_id, port, popen, log_path)
+        proc = Proc(kind, worker_id, port, _spawn(kind, env, log_path, "w"), log_path, env)
         self.procs.append(proc)
         return proc
+
+    def supervise(self, on_restart: Callable[[Proc], None] | None = None) -> None:
+        """Restart every service that died (non-zero exit), after its back-off, under the same
+        worker id and port; ``on_restart`` is told of each restart. A process that dies once
+        more than ``restart.max_restarts`` times raises, with the tail of its log. A clean
+        exit (0) means the service finished its part of the run and is left alone."""
+        now = time.monotonic()
+        for p in self.procs:
+            code = p.popen.poll()
+            if code in (None, 0):
+                continue
+            if p.restart_at is None:
+                if p.restarts >= self.restart.max_restarts:
+                    raise RuntimeError(
+                        f"{p.worker_id} died (exit {code}) after {p.restarts} restarts; "
+                        f"giving up:\n{tail(p.log_path)}"
+                    )
+                delay = self.restart.delay(p.restarts)
+                p.restart_at = now + delay
+                print(
+                    f"{p.worker_id} died (exit {code}); restarting in {delay:.1f}s "
+                    f"(restart {p.restarts + 1} of at most {self.restart.max_restarts}, "
+                    f"log {p.log_path})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            elif now >= p.restart_at:
+                with p.log_path.open("a") as f:
+                    f.write(f"\n--- restarted by the supervisor (restart {p.restarts + 1}) ---\n")
+                p.popen = _spawn(p.kind, p.env, p.log_path, "a")
+                p.restarts += 1
+                p.restart_at = None
+                if on_restart is not None:
+                    on_restart(p)
 
     def wait_ready(self, timeout_s: float = 180.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -111,6 +160,17 @@ class Stack:
             if p.popen.poll() is None:
                 p.popen.kill()
                 p.popen.wait()
+
+
+def _spawn(kind: str, env: dict, log_path: Path, mode: str) -> subprocess.Popen:
+    with log_path.open(mode) as log_file:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "dapo.cli", "service", kind],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def tail(path: Path, lines: int = 30) -> str:

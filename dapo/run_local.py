@@ -131,9 +131,14 @@ class LocalRun:
         total = self.spec.trainer.total_training_steps
         bar = tqdm(total=total, desc="training", unit="step")
         seen = 0
+
+        def restarted(proc) -> None:
+            store.record_restart(run_id, proc.worker_id)
+
         while True:
-            services.check_alive()
             state = store.state(run_id)
+            if state.status not in FINAL:  # a service that died mid-run comes back
+                services.supervise(restarted)
             rows = read_metrics(run_dir)
             if len(rows) > seen:
                 bar.update(len(rows) - seen)

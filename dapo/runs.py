@@ -111,6 +111,14 @@ class RunStore:
             fields["error"] = error
         return self.update(run_id, **fields)
 
+    def record_restart(self, run_id: str, worker_id: str) -> RunState:
+        """Count one restart of ``worker_id`` in the run's state."""
+
+        def change(state: RunState) -> dict:
+            return {"restarts": {**state.restarts, worker_id: state.restarts.get(worker_id, 0) + 1}}
+
+        return self._compare_and_set(run_id, change)
+
     def list(self) -> list[RunState]:
         out = []
         for rid in self.client.zrange(RUNS_INDEX, 0, -1):

@@ -285,6 +285,8 @@ class RunState(BaseModel):
     updated_at: float = Field(default_factory=time.time)
     error: str | None = None
     """Why the run failed, when it did."""
+    restarts: dict[str, int] = Field(default_factory=dict)
+    """Times each service process (by worker id) was restarted after dying."""
 
 
 STREAM_MESSAGES: dict[str, type[Message]] = {

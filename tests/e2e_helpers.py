@@ -109,11 +109,21 @@ def start_run(
 
 
 def wait_status(
-    store: RunStore, stack: Stack, run_id: str, statuses: set[str], timeout_s: float = 180
+    store: RunStore,
+    stack: Stack,
+    run_id: str,
+    statuses: set[str],
+    timeout_s: float = 180,
+    supervise: bool = False,
 ) -> str:
+    """Wait for one of ``statuses``; a dead service fails the wait, or with ``supervise`` is
+    restarted as ``dapo up`` does (and counted in the run state)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        stack.check_alive()
+        if supervise:
+            stack.supervise(lambda p: store.record_restart(run_id, p.worker_id))
+        else:
+            stack.check_alive()
         status = store.state(run_id).status
         if status in statuses:
             return status

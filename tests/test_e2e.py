@@ -14,6 +14,7 @@ import redis
 from transformers import AutoModelForCausalLM
 
 from dapo.keys import run_key
+from dapo.launcher import RestartPolicy
 from dapo.weightsync import stale_or_mismatched_workers
 from services.sampler.account import read_account
 from tests.e2e_helpers import (
@@ -109,6 +110,40 @@ def test_learner_killed_mid_run_resumes_without_losing_a_batch(model_dir, tmp_pa
         if p.name.startswith("step_")
     )
     assert last_ckpt == 5 and store.state(run_id).policy_version == 5
+
+
+def test_a_killed_service_is_restarted_and_the_run_completes(model_dir, tmp_path, redis_url):
+    spec = small_spec(
+        model_dir,
+        make_dataset(tmp_path / "train.jsonl"),
+        tmp_path / "runs",
+        trainer={"total_training_steps": 4, "save_freq": 2, "runs_dir": str(tmp_path / "runs")},
+    )
+    store, stack = start_run(redis_url, spec, rollout_workers=1)
+    stack.restart = RestartPolicy(backoff_s=0.2)
+    run_id = stack.run_id
+    try:
+        deadline = time.monotonic() + 120
+        while store.state(run_id).step < 1:
+            assert time.monotonic() < deadline, "no training step"
+            stack.check_alive()
+            time.sleep(0.2)
+        reward = next(p for p in stack.procs if p.kind == "reward")
+        os.kill(reward.popen.pid, signal.SIGKILL)  # what an OOM kill looks like
+        status = wait_status(store, stack, run_id, {"completed", "failed"}, supervise=True)
+        assert status == "completed"
+    finally:
+        stack.stop()
+    assert store.state(run_id).restarts == {"reward-0": 1}
+    account = read_account(store.client, run_id)
+    assert account["batches"] == 4 and account["trained"] == 4 * spec.data.train_batch_size
+    filtered = account["filtered_all_correct"] + account["filtered_all_wrong"]
+    assert account["dispatched"] == (
+        account["trained"]
+        + filtered
+        + account["dropped_stale"]
+        + in_flight_on_streams(store.client, run_id)
+    )
 
 
 def test_dataset_row_without_answer_is_reported_before_anything_starts(model_dir, tmp_path):

@@ -171,6 +171,30 @@ def test_trimming_keeps_stream_bounded_but_never_drops_unacked(redis_url, run_id
     assert stuck[0].entry_id in ids
 
 
+class AckBeforePending(redis.Redis):
+    """A client in whose XPENDING call another consumer acknowledges everything first: the
+    check-then-act window of ``trim`` (XINFO says pending, XPENDING finds none) made certain."""
+
+    def xpending(self, name, groupname):
+        other = redis.Redis(connection_pool=self.connection_pool)
+        ids = [r["message_id"] for r in other.xpending_range(name, groupname, "-", "+", 1000)]
+        if ids:
+            other.xack(name, groupname, *ids)
+        return super().xpending(name, groupname)
+
+
+def test_trim_survives_entries_acked_between_its_reads(redis_url, run_id):
+    bus = RedisBus(AckBeforePending.from_url(redis_url), run_id, BusSettings())
+    for i in range(6):
+        bus.publish("prompts", task(run_id, i))
+    got = bus.consume("prompts", "rollout", "w0", count=4, block_ms=10)
+    assert bus.lag("prompts")["rollout"].pending == 4
+    assert bus.trim("prompts") >= 0  # raised ValueError ('None' is not an int) before
+    left = [e[0].decode() for e in bus.client.xrange(bus.key("prompts"))]
+    assert len(left) >= 2 and got[-1].entry_id < left[-2]  # the undelivered two stay
+    assert len(bus.consume("prompts", "rollout", "w0", count=4, block_ms=10)) == 2
+
+
 def test_two_runs_are_isolated(redis_url):
     a, b = make_bus(redis_url, "run-a"), make_bus(redis_url, "run-b")
     a.publish("prompts", task("run-a", 1))
