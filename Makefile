@@ -12,7 +12,7 @@ help:
 	@echo "make test       the test suite (CPU, real Redis, real processes)"
 	@echo "make test-slow  the long end-to-end checks"
 	@echo "make bench      benchmarks -> .bench/results.json"
-	@echo "make lint|fmt   ruff"
+	@echo "make lint|fmt   ruff, and the import contract (floors, independent services)"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
@@ -36,6 +36,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .

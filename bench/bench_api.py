@@ -24,8 +24,8 @@ import httpx
 import numpy as np
 import redis
 
-from dapo.keys import run_key
-from dapo.redis_embed import EmbeddedRedis, free_port
+from dapo.transport.redis_embed import EmbeddedRedis, free_port
+from proto.keys import run_key
 
 RATE_PER_S = 200
 DURATION_S = 5.0

@@ -18,10 +18,10 @@ import json
 import os
 from pathlib import Path
 
-from dapo.config import load_run_spec
-from dapo.evaluate import EvalSpec, evaluate_model_dir
-from dapo.run_local import LocalRun
-from services.sampler.dataset import load_default_or_files
+from dapo.cli.evaluate import EvalSpec, evaluate_model_dir
+from dapo.cli.local import LocalRun
+from dapo.data.dataset import load_default_or_files
+from dapo.runtime.config import load_run_spec
 
 STEPS_TO_80 = int(os.environ.get("DAPO_BENCH_E2E_STEPS", "700"))
 STEPS_RATIO = int(os.environ.get("DAPO_BENCH_RATIO_STEPS", "80"))

@@ -14,8 +14,8 @@ import time
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from services.rollout.engine import SamplingParams
-from services.rollout.hf_engine import HFEngine
+from dapo.engines.base import SamplingParams
+from dapo.engines.hf import HFEngine
 
 
 def _model() -> Qwen2ForCausalLM:

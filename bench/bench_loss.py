@@ -19,8 +19,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from dapo.algorithm.loss import loss_normalizer, policy_loss, token_log_probs
 from proto.runspec import ActorConfig
-from services.learner.loss import loss_normalizer, policy_loss, token_log_probs
 
 B, T, V = 8, 512, 4096
 REPEATS = 9

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import time
 
-from services.reward.verify import verify
+from dapo.reward.verify import verify
 
 N_RESPONSES = 10_000
 PASSES = 3

@@ -82,9 +82,9 @@ def write_prompts(path: Path) -> Path:
     """The default task's train rows as the sampler's prompt text; returns the model dir."""
     from transformers import AutoTokenizer
 
-    from dapo.config import load_run_spec
-    from dapo.task import prepare_default_task
-    from services.sampler.dataset import load_default_or_files, render_prompt
+    from dapo.data.dataset import load_default_or_files, render_prompt
+    from dapo.data.task import prepare_default_task
+    from dapo.runtime.config import load_run_spec
 
     spec = load_run_spec("cpu-small")
     model_dir = prepare_default_task(progress=False).model_dir

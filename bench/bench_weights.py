@@ -28,10 +28,10 @@ from datetime import timedelta
 import redis
 import torch
 
-from dapo.buckets import start_broadcast
-from dapo.redis_embed import EmbeddedRedis
-from dapo.weight_receiver import WeightReceiver
-from dapo.weightsync import WeightSender
+from dapo.transport.redis_embed import EmbeddedRedis
+from dapo.weights.buckets import start_broadcast
+from dapo.weights.receiver import WeightReceiver
+from dapo.weights.sender import WeightSender
 
 HIDDEN, MLP, BLOCKS, VOCAB, ROUNDS = 512, 2048, 10, 8192, 8
 TIMEOUT = timedelta(seconds=60)

@@ -64,7 +64,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def verifier_reward(completions: list, ground_truth: list[str], **_: object) -> list[float]:
     """+1 / -1 per completion from the project's ``dapo``-mode verifier."""
-    from services.reward.verify import verify
+    from dapo.reward.verify import verify
 
     return [float(verify(c, gt).score) for c, gt in zip(completions, ground_truth, strict=True)]
 

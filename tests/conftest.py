@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from dapo.redis_embed import EmbeddedRedis
+from dapo.transport.redis_embed import EmbeddedRedis
 
 
 @pytest.fixture(scope="session")

@@ -11,10 +11,10 @@ import redis
 import torch
 from transformers import Qwen2ForCausalLM
 
-from dapo.launcher import Stack
-from dapo.runs import RunStore
-from dapo.task.model import ModelShape, tiny_config
-from dapo.task.tokenizer import EOS_ID, save_byte_tokenizer
+from dapo.cli.stack import Stack
+from dapo.data.task.model import ModelShape, tiny_config
+from dapo.data.task.tokenizer import EOS_ID, save_byte_tokenizer
+from dapo.runtime.runs import RunStore
 from proto.runspec import RunSpec
 
 

@@ -13,10 +13,10 @@ import pytest
 import redis
 from transformers import AutoModelForCausalLM
 
-from dapo.keys import run_key
-from dapo.launcher import RestartPolicy
-from dapo.weightsync import stale_or_mismatched_workers
-from services.sampler.account import read_account
+from dapo.cli.stack import RestartPolicy
+from dapo.weights.registry import stale_or_mismatched_workers
+from proto.account import read_account
+from proto.keys import run_key
 from tests.e2e_helpers import (
     make_dataset,
     make_model_dir,
@@ -130,6 +130,11 @@ def test_a_killed_service_is_restarted_and_the_run_completes(model_dir, tmp_path
             time.sleep(0.2)
         reward = next(p for p in stack.procs if p.kind == "reward")
         os.kill(reward.popen.pid, signal.SIGKILL)  # what an OOM kill looks like
+        reward.popen.wait()
+        while reward.restarts == 0:  # what `dapo up` does while the run goes on
+            assert time.monotonic() < deadline + 60, "the reward service was not restarted"
+            stack.supervise(lambda p: store.record_restart(run_id, p.worker_id))
+            time.sleep(0.05)
         status = wait_status(store, stack, run_id, {"completed", "failed"}, supervise=True)
         assert status == "completed"
     finally:

@@ -44,10 +44,10 @@ from prometheus_client import (
 )
 from redis.exceptions import LockError
 
-from dapo.bus import connect
-from dapo.config import load_run_spec
-from dapo.keys import run_key
-from dapo.runs import InvalidTransition, RunNotFound, RunStore, live_services
+from dapo.runtime.config import load_run_spec
+from dapo.runtime.runs import InvalidTransition, RunNotFound, RunStore, live_services
+from dapo.transport.bus import connect
+from proto.keys import run_key
 from proto.messages import RunState
 from proto.runspec import RunSpec
 from services.api.settings import ApiSettings
@@ -200,7 +200,7 @@ def run_detail(store: RunStore, run_id: str) -> RunDetail:
     state = store.state(run_id)
     # Imported here: the sampler package pulls numpy and its dataset code, which
     # the API needs only for this one read.
-    from services.sampler.account import read_account
+    from proto.account import read_account
 
     spec = store.spec(run_id)
     # a relative runs_dir resolves against our cwd, as it does for the learner

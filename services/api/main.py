@@ -18,8 +18,8 @@ from services.api.settings import ApiSettings
 
 
 def main() -> int:
-    from dapo.config import ConfigError
-    from dapo.service import setup_logging
+    from dapo.runtime.config import ConfigError
+    from dapo.runtime.service import setup_logging
 
     try:
         settings = ApiSettings.from_env()

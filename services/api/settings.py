@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from dapo.config import ConfigError, ServiceSettings
+from dapo.runtime.config import ConfigError, ServiceSettings
 
 
 class ApiSettings(ServiceSettings):

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dapo.algorithm.advantages import group_advantages
 from proto.messages import TrainingBatch
-from services.learner.advantages import group_advantages
 
 
 @dataclass

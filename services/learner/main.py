@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
-from dapo.config import ServiceSettings
-from dapo.models import load_tokenizer, pick_device, resolve_model_dir
-from dapo.service import ServiceRuntime
-from dapo.weightsync import WeightSender
+from dapo.data.models import load_tokenizer, pick_device, resolve_model_dir
+from dapo.runtime.config import ServiceSettings
+from dapo.runtime.service import ServiceRuntime
+from dapo.weights.sender import WeightSender
 from services.learner.checkpoint import newest_checkpoint, read_optimizer_state, read_trainer_state
 from services.learner.distributed import (
     LeaderSender,

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dapo.bus import Delivery
-from dapo.keys import run_key
-from dapo.service import ServiceRuntime
-from dapo.weightsync import WeightSyncError, stale_or_mismatched_workers
+from dapo.runtime.service import ServiceRuntime
+from dapo.transport.bus import Delivery
+from dapo.weights.registry import WeightSyncError, stale_or_mismatched_workers
+from proto.keys import run_key
 from proto.messages import TrainingBatch, WeightVersion
 from services.learner.checkpoint import prune_checkpoints, save_checkpoint
 from services.learner.metrics import LearnerMetrics
@@ -34,7 +34,7 @@ class LearnerLoop:
     rt: ServiceRuntime
     trainer: Trainer
     tokenizer: object
-    sender: object  # dapo.weightsync.WeightSender
+    sender: object  # dapo.weights.WeightSender
     run_dir: Path
     step: int
     keep_checkpoints: int = 3

@@ -25,16 +25,16 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
-from proto.messages import TrainingBatch
-from proto.runspec import RunSpec
-from services.learner.batching import PackedSamples, micro_batches, mini_batches, pack_batch
-from services.learner.distributed import padded_share
-from services.learner.loss import (
+from dapo.algorithm.loss import (
     apply_overlong_filter,
     loss_normalizer,
     policy_loss,
     token_log_probs,
 )
+from proto.messages import TrainingBatch
+from proto.runspec import RunSpec
+from services.learner.batching import PackedSamples, micro_batches, mini_batches, pack_batch
+from services.learner.distributed import padded_share
 
 # figures already identical on every rank (not summed over ranks)
 _GLOBAL_FIGURES = ("loss", "grad_norm", "skipped", "lr", "_mini")

@@ -8,9 +8,9 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from prometheus_client import Counter, Histogram
 from pydantic import Field
 
-from dapo.config import ServiceSettings
-from dapo.models import load_tokenizer
-from dapo.service import ServiceRuntime
+from dapo.data.models import load_tokenizer
+from dapo.runtime.config import ServiceSettings
+from dapo.runtime.service import ServiceRuntime
 from proto.messages import RolloutGroup
 from services.reward.scoring import score_group, score_texts
 

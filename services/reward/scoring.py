@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
+from dapo.algorithm.overlong import overlong_penalty
+from dapo.reward.verify import Verdict, verify
 from proto.messages import RolloutGroup, ScoredGroup, ScoredSample
 from proto.runspec import RewardConfig
-from services.reward.overlong import overlong_penalty
-from services.reward.verify import Verdict, verify
 
 
 def score_texts(

@@ -8,11 +8,12 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
-from dapo.config import ServiceSettings
-from dapo.models import pick_device, resolve_model_dir
-from dapo.service import ServiceRuntime
-from dapo.weight_receiver import WeightReceiver
-from dapo.weightsync import latest_checkpoint
+from dapo.data.models import pick_device, resolve_model_dir
+from dapo.engines.vllm_settings import VLLMSettings
+from dapo.runtime.config import ServiceSettings
+from dapo.runtime.service import ServiceRuntime
+from dapo.weights.receiver import WeightReceiver
+from dapo.weights.registry import latest_checkpoint
 from services.rollout.service import RolloutWorker
 
 log = logging.getLogger(__name__)
@@ -23,29 +24,39 @@ class RolloutSettings(ServiceSettings):
     """Prompt tasks generated together in one batch (DAPO_MAX_PROMPTS)."""
     max_batch_rows: int = Field(0, ge=0)
     """Cap on prompts x G rows decoded at once (0 = no cap)."""
+    vllm: VLLMSettings = Field(default_factory=VLLMSettings)
+    """vLLM knobs (DAPO_VLLM_* variables), used when the run spec says rollout.engine: vllm."""
+
+
+def start_weights(rt: ServiceRuntime, model_dir: Path) -> tuple[Path, int]:
+    """Where the engine loads its first weights from, and their version: the base model, or
+    the newest checkpoint for a worker joining a run that has moved on."""
+    newest = latest_checkpoint(rt.client, rt.run_id)
+    if newest is None or not Path(newest.checkpoint_dir).is_dir():
+        return model_dir, 0
+    log.info(
+        "joining late: loading checkpoint %s (version %d)", newest.checkpoint_dir, newest.version
+    )
+    return Path(newest.checkpoint_dir), newest.version
 
 
 def build_engine(rt: ServiceRuntime, settings: RolloutSettings, device: str):
     spec = rt.spec
+    model_dir = resolve_model_dir(spec.model, settings.cache_dir)
+    start_dir, version = start_weights(rt, model_dir)
     if spec.rollout.engine == "vllm":
-        from services.rollout.vllm_engine import build_vllm_engine  # GPU pods only
+        from dapo.engines.vllm import build_vllm_engine  # GPU pods only
 
-        return build_vllm_engine(rt, settings)
+        return build_vllm_engine(spec, model_dir, start_dir, settings.vllm), version
     from transformers import AutoTokenizer
 
-    from services.rollout.hf_engine import HFEngine
+    from dapo.engines.hf import HFEngine
 
-    model_dir = resolve_model_dir(spec.model, settings.cache_dir)
-    start_dir = model_dir
-    newest = latest_checkpoint(rt.client, rt.run_id)
-    if newest is not None and Path(newest[1]).is_dir():
-        start_dir = Path(newest[1])  # joined late: start from the newest weights
-        log.info("joining late: loading checkpoint %s (version %d)", start_dir, newest[0])
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     engine = HFEngine(
         str(start_dir), tokenizer, device=device, max_batch_size=settings.max_batch_rows or None
     )
-    return engine, (newest[0] if newest and start_dir != model_dir else 0)
+    return engine, version
 
 
 def run(settings: RolloutSettings) -> None:

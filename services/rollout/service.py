@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from dapo.bus import Delivery
-from dapo.service import ServiceRuntime
-from dapo.weightsync import WeightSyncError
+from dapo.engines.base import InferenceEngine, SamplingParams
+from dapo.runtime.service import ServiceRuntime
+from dapo.transport.bus import Delivery
+from dapo.weights.registry import WeightSyncError
 from proto.messages import PromptTask, RolloutGroup, Sample
-from services.rollout.engine import InferenceEngine, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def to_params(task: PromptTask) -> SamplingParams:
 class RolloutWorker:
     rt: ServiceRuntime
     engine: InferenceEngine
-    receiver: object  # dapo.weight_receiver.WeightReceiver
+    receiver: object  # dapo.weights.receiver.WeightReceiver
     engine_name: str
     version: int = 0
     max_prompts: int = 8

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
+from dapo.algorithm.dynamic_sampling import group_metric, keep_group
 from proto.messages import ScoredGroup
 from proto.runspec import AlgorithmConfig
-from services.sampler.dynamic_sampling import group_metric, keep_group
 
 Outcome = Literal["kept", "filtered_all_correct", "filtered_all_wrong", "dropped_stale"]
 T = TypeVar("T")  # whatever handle the caller needs back with the group (e.g. its delivery)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dapo.config import ServiceSettings
-from dapo.models import load_tokenizer
-from dapo.service import ServiceRuntime
-from services.sampler.dataset import DatasetError, load_default_or_files
-from services.sampler.prompts import PromptSource
+from dapo.data.dataset import DatasetError, load_default_or_files
+from dapo.data.models import load_tokenizer
+from dapo.data.prompts import PromptSource
+from dapo.runtime.config import ServiceSettings
+from dapo.runtime.service import ServiceRuntime
 from services.sampler.service import serve
 
 

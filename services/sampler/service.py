@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
-from dapo.bus import Delivery
-from dapo.service import ServiceRuntime
+from dapo.data.prompts import PromptSource
+from dapo.runtime.service import ServiceRuntime
+from dapo.transport.bus import Delivery
+from proto.account import account_key, read_account
 from proto.codec import decode
 from proto.messages import (
     BatchStats,
@@ -29,9 +31,7 @@ from proto.messages import (
     WeightVersion,
 )
 from proto.runspec import RunSpec
-from services.sampler.account import account_key, read_account
 from services.sampler.batcher import BatchAssembler, check_gen_budget, gen_rounds
-from services.sampler.prompts import PromptSource
 
 log = logging.getLogger(__name__)
 

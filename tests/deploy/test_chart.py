@@ -187,7 +187,7 @@ def test_schema_rejects_bad_values_naming_the_field(values, named):
 # -- the objects agree with the code -----------------------------------------------
 @pytest.mark.parametrize("values", GOOD_SETS)
 def test_commands_are_the_cli_subcommands(values):
-    from dapo.cli import build_parser
+    from dapo.cli.main import build_parser
 
     objs = render(values)
     for name in COMPONENTS:
@@ -274,7 +274,7 @@ def test_multi_node_learner_and_fixed_reward_replicas():
 def test_probe_paths_are_served_by_the_health_server():
     from prometheus_client import CollectorRegistry
 
-    from dapo.health import HealthServer
+    from dapo.runtime.health import HealthServer
 
     objs = render("ingress-monitoring")
     paths = {ep["path"] for ep in one(objs, "ServiceMonitor")["spec"]["endpoints"]}
@@ -329,7 +329,7 @@ def test_api_serves_its_probes_and_loads_the_run_config(monkeypatch, tmp_path):
 
 
 def test_run_config_is_a_valid_run_spec_inside_the_volumes():
-    from dapo.config import validate_run_spec
+    from dapo.runtime.config import validate_run_spec
 
     objs = render(None)
     spec = validate_run_spec(yaml.safe_load(one(objs, "ConfigMap", "api")["data"]["run.yaml"]))

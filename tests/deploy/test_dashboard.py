@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dapo.redis_embed import free_port
+from dapo.transport.redis_embed import free_port
 from tests.e2e_helpers import make_dataset, make_model_dir, small_spec, start_run
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "grafana-dashboard.json"

@@ -26,10 +26,10 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from dapo.config import ConfigError
-from dapo.keys import run_key
-from dapo.redis_embed import free_port
-from dapo.runs import SERVICES_PREFIX, RunStore, register_service
+from dapo.runtime.config import ConfigError
+from dapo.runtime.runs import SERVICES_PREFIX, RunStore, register_service
+from dapo.transport.redis_embed import free_port
+from proto.keys import run_key
 from services.api.app import create_app, last_json_line
 from services.api.main import serve_in_thread
 from services.api.settings import ApiSettings

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import redis
 
-from dapo.client import DapoClient
-from dapo.launcher import Stack
+from dapo.cli.client import DapoClient
+from dapo.cli.stack import Stack
 from services.api.app import create_app
 from services.api.main import serve_in_thread
 from services.api.settings import ApiSettings

@@ -93,8 +93,8 @@ def test_sharded_checkpoint_reloads_and_resumes(two_rank_run):
 
 def _start_sharded_learner(stack, redis_url: str, index: int):
     """The learner service as 2 torchrun ranks, registered with the stack like the others."""
-    from dapo.launcher import Proc
-    from dapo.redis_embed import free_port
+    from dapo.cli.stack import Proc
+    from dapo.transport.redis_embed import free_port
 
     port = free_port()
     log_path = stack.run_dir / "logs" / f"learner-{index}.log"
@@ -131,9 +131,9 @@ def test_learner_service_under_torchrun_stops_resumes_and_completes(tmp_path, re
     """The real services, the learner as 2 torchrun ranks: SIGTERM mid-run writes a sharded
     checkpoint, a new torchrun learner resumes from it, the run completes, every rollout
     worker holds the final weights bit for bit, and every rank exits by itself."""
-    from dapo.launcher import Stack
-    from dapo.runs import RunStore
-    from dapo.weightsync import stale_or_mismatched_workers
+    from dapo.cli.stack import Stack
+    from dapo.runtime.runs import RunStore
+    from dapo.weights.registry import stale_or_mismatched_workers
     from tests.e2e_helpers import (
         make_dataset,
         make_model_dir,

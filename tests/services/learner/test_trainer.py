@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from dapo.engines.base import SamplingParams
+from dapo.engines.hf import HFEngine
 from proto.messages import BatchStats, ScoredGroup, ScoredSample, TrainingBatch
 from proto.runspec import RunSpec
 from services.learner.batching import pack_batch
@@ -19,8 +21,6 @@ from services.learner.checkpoint import (
     save_checkpoint,
 )
 from services.learner.trainer import Trainer, warmup_factor
-from services.rollout.engine import SamplingParams
-from services.rollout.hf_engine import HFEngine
 
 torch.set_num_threads(1)
 

@@ -8,14 +8,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 from transformers import AutoTokenizer
 
-from dapo.bus import RedisBus
-from dapo.config import ServiceSettings
-from dapo.runs import RunStore
-from dapo.service import ServiceRuntime
+from dapo.data.dataset import load_default_or_files
+from dapo.data.prompts import PromptSource
+from dapo.runtime.config import ServiceSettings
+from dapo.runtime.runs import RunStore
+from dapo.runtime.service import ServiceRuntime
+from dapo.transport.bus import RedisBus
+from proto.account import read_account
 from proto.messages import ScoredGroup, ScoredSample, WeightVersion
-from services.sampler.account import read_account
-from services.sampler.dataset import load_default_or_files
-from services.sampler.prompts import PromptSource
 from services.sampler.service import Sampler, SamplerMetrics
 from tests.e2e_helpers import make_dataset, make_model_dir, small_spec
 

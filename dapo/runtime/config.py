@@ -1,0 +1,159 @@
+"""Loading and validating configuration, before anything starts.
+
+Two kinds of settings:
+
+- the **run spec** (``proto.runspec.RunSpec``): the algorithm, loaded from a
+  YAML file in ``configs/``, then environment overrides
+  (``DAPO_SPEC__ACTOR__CLIP_RATIO_HIGH=0.3``), then command-line overrides
+  (``actor.clip_ratio_high=0.3``, as in verl/Hydra);
+- **service settings** (``ServiceSettings`` subclasses): where a process
+  connects and listens, from ``DAPO_*`` environment variables.
+
+An invalid value raises ``ConfigError`` whose message names every bad field
+by its dotted path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from proto.runspec import RunSpec
+
+ENV_SPEC_PREFIX = "DAPO_SPEC__"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ConfigError(ValueError):
+    """A configuration that must not start a run; the message names the fields."""
+
+
+def format_validation_error(exc: ValidationError, source: str = "config") -> str:
+    lines = [f"invalid {source}:"]
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(root)"
+        got = (
+            f" (got {err['input']!r})"
+            if "input" in err and not isinstance(err["input"], dict)
+            else ""
+        )
+        lines.append(f"  {path}: {err['msg']}{got}")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: Sequence[str]) -> dict:
+    """``["actor.optim.lr=1e-5", "rollout.n=8"]`` -> nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        _set_dotted(tree, name.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict:
+    tree: dict = {}
+    for name, raw in environ.items():
+        if name.startswith(ENV_SPEC_PREFIX):
+            dotted = name[len(ENV_SPEC_PREFIX) :].lower().replace("__", ".")
+            _set_dotted(tree, dotted, yaml.safe_load(raw))
+    return tree
+
+
+def deep_merge(base: dict, extra: Mapping) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = (
+            deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+        )
+    return out
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """A path as given, else relative to the repository's ``configs/``."""
+    p = Path(path)
+    for candidate in (p, REPO_ROOT / "configs" / p, REPO_ROOT / "configs" / f"{p}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file {str(path)!r} not found (also looked in configs/)")
+
+
+def load_run_spec(
+    path: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> RunSpec:
+    """YAML file (or defaults) + environment + command-line overrides -> validated RunSpec."""
+    tree: dict = {}
+    source = "defaults"
+    if path is not None:
+        file = resolve_config_path(path)
+        source = str(file)
+        try:
+            loaded = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{file}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{file}: top level must be a mapping, got {type(loaded).__name__}")
+        tree = loaded
+    tree = deep_merge(tree, env_overrides(os.environ if environ is None else environ))
+    tree = deep_merge(tree, parse_overrides(overrides))
+    return validate_run_spec(tree, source)
+
+
+def validate_run_spec(tree: Mapping, source: str = "run spec") -> RunSpec:
+    try:
+        return RunSpec.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+class ServiceSettings(BaseSettings):
+    """Where a service process connects and listens (from DAPO_* environment variables)."""
+
+    model_config = SettingsConfigDict(env_prefix="DAPO_", extra="ignore", frozen=True)
+    redis_url: str = Field("redis://127.0.0.1:6379/0", min_length=1)
+    """Redis the run lives in (DAPO_REDIS_URL)."""
+    run_id: str = Field("", max_length=128)
+    """Run to serve; empty = follow the newest active run (DAPO_RUN_ID)."""
+    worker_id: str = Field("", max_length=128)
+    """Name of this process in consumer groups; empty = hostname-pid."""
+    health_port: int = Field(0, ge=0, le=65535)
+    """Port of the /healthz, /readyz and /metrics endpoints (0 = pick a free one)."""
+    health_host: str = "127.0.0.1"
+    """Address the health endpoints bind to (0.0.0.0 in a container)."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Logging verbosity."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Torch device for services that run a model."""
+    threads: int = Field(0, ge=0)
+    """Torch/worker threads (0 = library default)."""
+    cache_dir: str = ""
+    """Where the embedded default task is built and cached ("" = the repository's .cache/)."""
+
+    @classmethod
+    def from_env(cls, **overrides):
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            raise ConfigError(
+                format_validation_error(exc, f"{cls.__name__} (DAPO_* env)")
+            ) from None

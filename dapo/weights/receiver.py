@@ -1,0 +1,263 @@
+"""Rollout side of the weight sync: `WeightReceiver` (protocol in `dapo.weights`)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from dapo.weights.buckets import (
+    BucketLayout,
+    FlatBuffers,
+    NamedTensors,
+    drop_group,
+    is_loopback,
+    make_group,
+    start_broadcast,
+)
+from dapo.weights.registry import (
+    KEY_TTL_S,
+    CheckpointRef,
+    LayoutMismatchError,
+    WeightKeys,
+    WeightSyncError,
+    _text,
+    needs_checkpoint,
+)
+
+
+class WeightReceiver:
+    """Rollout side: receives updates into flat buffers and hands views to `load_fn`.
+
+    `params`: the engine's (name, tensor) list (meta tensors work; names and
+    shapes are checked against the learner's, dtypes follow the learner's) or
+    a ready `BucketLayout`. `load_fn(named_views)` must copy: the views are
+    overwritten by the next update. `state_fn()`, if given, returns the
+    engine's current (name, tensor) list; the reported checksum is then taken
+    over those tensors (cast to the learner's dtypes) instead of the received
+    buffers, so it proves what the engine actually holds. `version` is the
+    version of the weights the engine starts with (-1: unknown).
+    """
+
+    def __init__(
+        self,
+        redis_client,
+        run_id: str,
+        worker_id: str,
+        params: BucketLayout | NamedTensors,
+        load_fn: Callable[[list[tuple[str, torch.Tensor]]], None],
+        device: torch.device | str = "cpu",
+        host: str | None = None,
+        state_fn: Callable[[], NamedTensors] | None = None,
+        liveness_s: float = 15.0,
+        version: int = -1,
+    ) -> None:
+        self.redis, self.keys, self.run_id = redis_client, WeightKeys(run_id), run_id
+        self.worker_id, self.device, self.host = worker_id, torch.device(device), host
+        self._params, self.load_fn, self.state_fn = params, load_fn, state_fn
+        self.liveness_s, self.version = liveness_s, version
+        self.layout: BucketLayout | None = params if isinstance(params, BucketLayout) else None
+        self.buffers: FlatBuffers | None = None
+        self._rendezvous: dict[str, str] = {}
+        self._seen: tuple[str, int] | None = None  # last (incarnation, version) acked
+        self._group, self._group_id, self._store, self._store_id = None, None, None, None
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    def join(self, wait_s: float = 60.0) -> None:
+        """Waits for the learner's rendezvous, checks the layout, registers, starts the heartbeat."""
+        deadline = time.monotonic() + wait_s
+        while not (fields := self._read_rendezvous()).get("incarnation"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no weight-sync rendezvous at {self.keys.rendezvous}")
+            time.sleep(0.1)
+        self._adopt_layout(fields)
+        pending = fields.get("pending_version")
+        self._seen = (fields["incarnation"], int(pending)) if pending else None
+        self._register()
+        self._heartbeat = threading.Thread(target=self._beat, name="weights-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def _read_rendezvous(self) -> dict[str, str]:
+        raw = self.redis.hgetall(self.keys.rendezvous)
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    def _adopt_layout(self, fields: dict[str, str]) -> None:
+        if self.layout is None:
+            learner = BucketLayout.from_json(fields["layout"])
+            if problems := learner.mismatches(self._params):
+                raise LayoutMismatchError(
+                    f"worker {self.worker_id!r}: the model does not match the learner's "
+                    f"({fields['summary']}): {'; '.join(problems)}"
+                )
+            self.layout = learner
+        if self.layout.fingerprint != fields["fingerprint"]:
+            raise LayoutMismatchError(
+                f"worker {self.worker_id!r}: layout fingerprint {self.layout.fingerprint} "
+                f"({self.layout.summary()}) differs from the learner's {fields['fingerprint']} "
+                f"({fields['summary']})"
+            )
+        if self.buffers is None:
+            self.buffers = FlatBuffers(self.layout, self.device)
+        self._rendezvous = fields
+
+    def _register(self) -> None:
+        pipe = self.redis.pipeline()
+        entry = json.dumps({"fingerprint": self.layout.fingerprint})
+        pipe.hset(self.keys.workers, self.worker_id, entry)
+        pipe.set(self.keys.alive(self.worker_id), 1, px=int(self.liveness_s * 1000))
+        pipe.execute()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.liveness_s / 3):
+            self._register()
+
+    def poll(self, timeout_s: float = 0.0) -> int | None:
+        """Takes part in a pending update, if any: returns the new version, else None.
+
+        With `timeout_s` > 0, blocks up to that long for an update to start.
+        Raises `WeightSyncError` if the collective fails (the next update
+        forms a new generation) and `LayoutMismatchError` if the learner now
+        runs another model.
+        """
+        if self.buffers is None:
+            raise RuntimeError("WeightReceiver.poll before join()")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            incarnation, pending = self.redis.hmget(
+                self.keys.rendezvous, ["incarnation", "pending_version"]
+            )
+            if incarnation is not None and pending is not None:
+                key = (_text(incarnation), int(pending))
+                if key != self._seen:
+                    self._seen = key
+                    return self._take(*key)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self.redis.blpop([self.keys.inbox(self.worker_id)], timeout=min(remaining, 1.0))
+
+    def _take(self, incarnation: str, version: int) -> int | None:
+        """Steps 2, 4 and 5 of the protocol for one update."""
+        self.redis.delete(self.keys.inbox(self.worker_id))
+        ack_key = self.keys.acks(incarnation, version)
+        ack = {"worker_id": self.worker_id, "fingerprint": self.layout.fingerprint}
+        self.redis.pipeline().rpush(ack_key, json.dumps(ack)).expire(ack_key, KEY_TTL_S).execute()
+        plan = self._await_plan(incarnation, version)
+        if plan is None or self.worker_id not in plan["members"]:
+            return None  # too late for this update; the next one includes us
+        try:
+            self._ensure_group(plan)
+            works = [
+                start_broadcast(self._group, f, self._timeout()) for f in self.buffers.byte_views
+            ]
+            for work in works:
+                work.wait(self._timeout())
+        except RuntimeError as error:
+            self._leave_group()
+            raise WeightSyncError(
+                f"worker {self.worker_id!r}: receiving version {version} in generation "
+                f"{plan['generation']} failed; generation abandoned: {error}"
+            ) from error
+        self.load_fn(self.buffers.views())
+        self._report(version)
+        return version
+
+    def _timeout(self) -> timedelta:
+        return timedelta(seconds=float(self._rendezvous["timeout_s"]))
+
+    def _await_plan(self, incarnation: str, version: int) -> dict | None:
+        """Waits for the learner's plan for `version`; None if the learner moved on or vanished."""
+        rv = self._rendezvous
+        wait_s = float(rv["join_timeout_s"]) + float(rv["timeout_s"])
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            raw, current, pending = self.redis.hmget(
+                self.keys.rendezvous, ["plan", "incarnation", "pending_version"]
+            )
+            plan = json.loads(raw) if raw else None
+            if plan and plan["incarnation"] == incarnation and plan["version"] == version:
+                return plan
+            if _text(current) != incarnation or (pending is not None and int(pending) > version):
+                return None
+            self.redis.blpop([self.keys.inbox(self.worker_id)], timeout=0.25)
+        return None
+
+    def _ensure_group(self, plan: dict) -> None:
+        """Builds the plan's generation group unless already in it."""
+        group_id = (plan["incarnation"], plan["generation"])
+        if group_id == self._group_id:
+            return
+        self._leave_group()
+        if plan["incarnation"] != self._rendezvous["incarnation"]:
+            self._adopt_layout(self._read_rendezvous())  # a restarted learner
+        if plan["fingerprint"] != self.layout.fingerprint:
+            raise LayoutMismatchError(
+                f"worker {self.worker_id!r}: the learner's plan uses layout {plan['fingerprint']}, "
+                f"this worker {self.layout.fingerprint}"
+            )
+        rv = self._rendezvous
+        if self._store_id != rv["incarnation"]:
+            self._store = dist.TCPStore(
+                rv["host"], int(rv["port"]), is_master=False, wait_for_workers=False,
+                timeout=self._timeout(),
+            )  # fmt: skip
+            self._store_id = rv["incarnation"]
+        host = self.host
+        if host is None and is_loopback(rv["host"]):
+            host = "127.0.0.1"  # learner on this machine: stay on loopback
+        prefixed = dist.PrefixStore(f"gen{plan['generation']}", self._store)
+        rank, size = plan["members"].index(self.worker_id) + 1, len(plan["members"]) + 1
+        self._group = make_group(prefixed, rank, size, self.device, self._timeout(), host)
+        self._group_id = group_id
+
+    def _leave_group(self) -> None:
+        drop_group(self._group, self.device)
+        self._group, self._group_id = None, None
+
+    def _report(self, version: int | None = None) -> None:
+        """Publishes version + checksum (of the engine's tensors when `state_fn` is set)."""
+        if self.state_fn is not None:
+            self.buffers.pack(self.state_fn(), cast=True)  # buffers are free until the next update
+        self.version = self.version if version is None else version
+        report = {"version": self.version, "checksum": self.buffers.checksum(), "time": time.time()}
+        self.redis.hset(self.keys.reports, self.worker_id, json.dumps(report))
+
+    @property
+    def group(self):
+        """The current generation's process group (None between generations)."""
+        return self._group
+
+    def needs_checkpoint(self) -> CheckpointRef | None:
+        """The newest checkpoint if it is newer than the weights held (see `set_version`)."""
+        return needs_checkpoint(self.redis, self.run_id, self.version)
+
+    def set_version(self, version: int) -> None:
+        """Records that the engine now holds `version` (e.g. loaded from a checkpoint).
+
+        Reported with a checksum if `state_fn` is set, else without one.
+        """
+        self.version = version
+        if self.state_fn is not None and self.buffers is not None:
+            self._report()
+        else:
+            report = {"version": version, "checksum": None, "time": time.time()}
+            self.redis.hset(self.keys.reports, self.worker_id, json.dumps(report))
+
+    def close(self) -> None:
+        """Stops the heartbeat, deregisters and leaves the group."""
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+        pipe = self.redis.pipeline()
+        pipe.hdel(self.keys.workers, self.worker_id)
+        pipe.delete(self.keys.alive(self.worker_id), self.keys.inbox(self.worker_id))
+        pipe.hdel(self.keys.reports, self.worker_id)
+        pipe.execute()
+        self._leave_group()
+        self._store = self._store_id = None

@@ -1,0 +1,244 @@
+"""Learner side of the weight sync: ``WeightSender`` (protocol in ``dapo.weights``)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from dapo.weights.buckets import (
+    BucketLayout,
+    FlatBuffers,
+    NamedTensors,
+    drop_group,
+    make_group,
+    start_broadcast,
+)
+from dapo.weights.registry import (
+    KEY_TTL_S,
+    WeightKeys,
+    WeightSyncError,
+    _text,
+    live_workers,
+    publish_checkpoint,
+)
+
+KEEP_EXPECTED = 64
+
+
+@dataclass(frozen=True)
+class SyncStats:
+    """Timings of one `WeightSender.broadcast`, in seconds; `bytes` counts the buckets."""
+
+    version: int
+    generation: int
+    members: tuple[str, ...]
+    new_group: bool
+    bytes: int
+    checksum: str
+    rendezvous_s: float
+    pack_s: float
+    checksum_s: float
+    broadcast_s: float
+    total_s: float
+
+
+class WeightSender:
+    """Learner side: owns the TCPStore, the generations and the source buffers.
+
+    `named_params`: (name, tensor) in the model's order; kept by reference, so
+    in-place updates are seen at each `broadcast`. With `share_storage` (the
+    default) each parameter's `.data` is moved into its slot of the flat
+    buffers (`FlatBuffers.adopt`): no pack copy and no second copy of the
+    weights in memory; optimizers keep working since the Parameter objects
+    stay the same. A tensor found elsewhere at broadcast time (re-created,
+    moved, or passed in `broadcast(named_params=...)`) is simply copied.
+    `timeout_s` bounds group building and each broadcast; `join_timeout_s`
+    (default `timeout_s`) bounds the wait for acks and should be at least
+    `timeout_s` so a worker leaving a failed collective can ack the next one.
+    """
+
+    def __init__(
+        self,
+        redis_client,
+        run_id: str,
+        named_params: NamedTensors,
+        device: torch.device | str = "cpu",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        bucket_mb: float = 64.0,
+        timeout_s: float = 60.0,
+        join_timeout_s: float | None = None,
+        share_storage: bool = True,
+    ) -> None:
+        self.redis, self.keys = redis_client, WeightKeys(run_id)
+        self.run_id = run_id
+        self.device = torch.device(device)
+        self.layout = BucketLayout.from_named(named_params, bucket_mb)
+        self.buffers = FlatBuffers(self.layout, self.device)
+        self._params = dict(named_params)
+        if share_storage:
+            self.buffers.adopt(named_params)
+        self.timeout = timedelta(seconds=timeout_s)
+        self.join_timeout_s = timeout_s if join_timeout_s is None else join_timeout_s
+        self._store = dist.TCPStore(
+            host, port, is_master=True, wait_for_workers=False, timeout=self.timeout
+        )
+        self.host, self.port = host, self._store.port
+        self.incarnation = uuid.uuid4().hex[:12]
+        self.generation, self.members, self.version = 0, (), None
+        self._group, self._last_attempt = None, None
+        self.redis.delete(self.keys.rendezvous)
+        self.redis.hset(self.keys.rendezvous, mapping=self._rendezvous_fields(timeout_s))
+
+    def _rendezvous_fields(self, timeout_s: float) -> dict[str, str | int | float]:
+        return {
+            "host": self.host,
+            "port": self.port,
+            "incarnation": self.incarnation,
+            "fingerprint": self.layout.fingerprint,
+            "layout": self.layout.to_json(),
+            "summary": self.layout.summary(),
+            "bucket_mb": self.layout.bucket_mb,
+            "backend": "nccl" if self.device.type == "cuda" else "gloo",
+            "timeout_s": timeout_s,
+            "join_timeout_s": self.join_timeout_s,
+            "generation": 0,
+        }
+
+    def broadcast(
+        self, version: int, named_params: NamedTensors | Mapping | None = None
+    ) -> SyncStats:
+        """Sends the current weights as `version` to every worker that acks in time.
+
+        `named_params` replaces the tensors given at construction for this call
+        (e.g. a freshly gathered full state dict). Versions must increase.
+        Raises `WeightSyncError` (generation abandoned) when a member fails.
+        """
+        if self._last_attempt is not None and version <= self._last_attempt:
+            raise ValueError(f"version {version} is not above the last one, {self._last_attempt}")
+        self._last_attempt = version
+        start = time.perf_counter()
+        params = self._params if named_params is None else dict(named_params)
+        members = self._collect_acks(version)
+        new_group = bool(members) and (self._group is None or members != self.members)
+        if new_group or not members:
+            self._abandon()
+        if new_group:
+            self.generation += 1
+        self._publish_plan(version, members)
+        try:
+            if new_group:
+                prefixed = dist.PrefixStore(f"gen{self.generation}", self._store)
+                self._group = make_group(
+                    prefixed, 0, len(members) + 1, self.device, self.timeout, self.host
+                )
+                self.members = members
+            rendezvous_s = time.perf_counter() - start
+            works, pack_s = self._pack_and_send(params)
+            tick = time.perf_counter()
+            checksum = self.buffers.checksum()  # overlaps with the bytes in flight
+            checksum_s = time.perf_counter() - tick
+            self._publish_expected(version, checksum)
+            for work in works:
+                work.wait(self.timeout)
+        except RuntimeError as error:
+            self._abandon()
+            raise WeightSyncError(
+                f"weight broadcast of version {version} to generation {self.generation} "
+                f"(members {list(members)}) failed; generation abandoned: {error}"
+            ) from error
+        self.version = version
+        self.redis.hset(self.keys.rendezvous, "version", version)
+        total_s = time.perf_counter() - start
+        return SyncStats(
+            version, self.generation, members, new_group, self.layout.total_bytes, checksum,
+            rendezvous_s, pack_s, checksum_s,
+            total_s - rendezvous_s - pack_s - checksum_s, total_s,
+        )  # fmt: skip
+
+    def _collect_acks(self, version: int) -> tuple[str, ...]:
+        """Steps 1-3: announce `version`, wait for the live workers' acks, return the ackers."""
+        self.redis.hset(self.keys.rendezvous, "pending_version", version)
+        waiting = live_workers(self.redis, self.run_id)
+        self._wake(waiting, version)
+        ack_key = self.keys.acks(self.incarnation, version)
+        deadline = time.monotonic() + self.join_timeout_s
+        acked: set[str] = set()
+        while not waiting <= acked and (remaining := deadline - time.monotonic()) > 0:
+            item = self.redis.blpop([ack_key], timeout=min(remaining, 0.5))
+            if item is None:  # re-check liveness so a dead worker stops the wait early
+                waiting = live_workers(self.redis, self.run_id) & waiting
+            else:
+                acked |= self._accept(item[1])
+        while (raw := self.redis.lpop(ack_key)) is not None:
+            acked |= self._accept(raw)
+        return tuple(sorted(acked))
+
+    def _accept(self, raw: bytes | str) -> set[str]:
+        ack = json.loads(raw)
+        # A worker with another layout refuses the plan itself; it never becomes a member.
+        return {ack["worker_id"]} if ack["fingerprint"] == self.layout.fingerprint else set()
+
+    def _wake(self, workers, token) -> None:
+        pipe = self.redis.pipeline()
+        for worker in workers:
+            pipe.rpush(self.keys.inbox(worker), str(token))
+            pipe.ltrim(self.keys.inbox(worker), -8, -1)
+            pipe.expire(self.keys.inbox(worker), KEY_TTL_S)
+        pipe.execute()
+
+    def _publish_plan(self, version: int, members: tuple[str, ...]) -> None:
+        plan = {
+            "version": version,
+            "incarnation": self.incarnation,
+            "generation": self.generation,
+            "members": list(members),
+            "fingerprint": self.layout.fingerprint,
+        }
+        self.redis.hset(
+            self.keys.rendezvous,
+            mapping={"plan": json.dumps(plan), "generation": self.generation},
+        )
+        self._wake(members, "plan")
+
+    def _pack_and_send(self, params: Mapping[str, torch.Tensor]) -> tuple[list, float]:
+        """Packs bucket i+1 while bucket i is on the wire; returns the works and the pack time."""
+        works, pack_s = [], 0.0
+        for index, flat in enumerate(self.buffers.byte_views):
+            tick = time.perf_counter()
+            self.buffers.pack_bucket(index, params)
+            pack_s += time.perf_counter() - tick
+            if self._group is not None:
+                works.append(start_broadcast(self._group, flat, self.timeout))
+        return works, pack_s
+
+    def _publish_expected(self, version: int, checksum: str) -> None:
+        self.redis.hset(self.keys.expected, str(version), checksum)
+        known = sorted(int(_text(v)) for v in self.redis.hkeys(self.keys.expected))
+        if len(known) > KEEP_EXPECTED:
+            self.redis.hdel(self.keys.expected, *[str(v) for v in known[:-KEEP_EXPECTED]])
+
+    def _abandon(self) -> None:
+        drop_group(self._group, self.device)
+        self._group, self.members = None, ()
+
+    @property
+    def group(self):
+        """The current generation's process group (None between generations)."""
+        return self._group
+
+    def publish_checkpoint(self, version: int, checkpoint_dir: str) -> None:
+        publish_checkpoint(self.redis, self.run_id, version, checkpoint_dir)
+
+    def close(self) -> None:
+        """Drops the group and withdraws the rendezvous (workers then wait for a new learner)."""
+        self._abandon()
+        self.redis.delete(self.keys.rendezvous)
+        self._store = None

@@ -1,0 +1,620 @@
+"""Tests of the vLLM-free parts of the vLLM engine, and (on a GPU with vLLM) the engine itself.
+
+Names are checked against real wrapped models (torch.compile, activation
+checkpointing, a DDP-style ``module`` attribute), bucket splitting against real
+``FlatBuffers``, the generation gate with real threads. The last test needs a
+CUDA GPU and vLLM and is skipped (and deselected by the default ``-m``) here.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+import threading
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from dapo.engines.base import SamplingParams
+from dapo.engines.vllm_support import (
+    GateTimeout,
+    GenerationAborted,
+    GenerationGate,
+    RawSample,
+    RequestPlan,
+    canonical_name,
+    check_against_specs,
+    choose_logprobs_mode,
+    chunk_by_bytes,
+    logprobs_exact,
+    meta_named_parameters,
+    plan_requests,
+    regroup,
+    split_buckets,
+    to_completion,
+    to_vllm_weights,
+    vllm_memory_fraction,
+    vllm_sampling_kwargs,
+)
+from dapo.weights.buckets import BucketLayout, FlatBuffers
+
+EOS = (1, 2)
+WAIT = 5.0  # generous bound for events that must happen
+BLOCKED = 0.15  # how long we watch for something that must not happen
+
+
+def _config(tied: bool = True) -> Qwen2Config:
+    return Qwen2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )  # fmt: skip
+
+
+def _model(tied: bool = True) -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(_config(tied)).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------- names
+
+
+def test_canonical_name_removes_wrapper_components() -> None:
+    assert canonical_name("_orig_mod.model.norm.weight") == "model.norm.weight"
+    assert canonical_name("module._orig_mod.lm_head.weight") == "lm_head.weight"
+    fsdp = "model.layers.3._fsdp_wrapped_module._checkpoint_wrapped_module.mlp.up_proj.weight"
+    assert canonical_name(fsdp) == "model.layers.3.mlp.up_proj.weight"
+    assert canonical_name("model.norm.weight") == "model.norm.weight"
+    with pytest.raises(ValueError, match="malformed"):
+        canonical_name("module._orig_mod")
+    with pytest.raises(ValueError, match="malformed"):
+        canonical_name("model..weight")
+
+
+class _DataParallelLike(torch.nn.Module):
+    """Holds the model as ``.module``, the attribute DDP uses."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = inner
+
+
+def test_wrapped_models_map_back_to_hf_names_with_the_same_tensors() -> None:
+    model = _model()
+    plain = list(model.named_parameters())
+    wrapped = copy.deepcopy(model)
+    for i, layer in enumerate(wrapped.model.layers):
+        wrapped.model.layers[i] = checkpoint_wrapper(layer)
+    outer = _DataParallelLike(torch.compile(wrapped))
+    raw = list(outer.named_parameters())
+    assert any("_checkpoint_wrapped_module" in n for n, _ in raw)
+    assert all(n.startswith("module._orig_mod.") for n, _ in raw)
+    mapped = to_vllm_weights(raw, tie_word_embeddings=True)
+    assert [n for n, _ in mapped] == [n for n, _ in plain]
+    for (_, a), (_, b) in zip(mapped, plain, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_tied_head_is_skipped_only_when_tied() -> None:
+    tied = list(_model(tied=True).state_dict().items())
+    assert "lm_head.weight" in dict(tied)  # the state_dict lists the tied head
+    names = [n for n, _ in to_vllm_weights(tied, tie_word_embeddings=True)]
+    assert "lm_head.weight" not in names and len(names) == len(tied) - 1
+    untied = list(_model(tied=False).named_parameters())
+    kept = [n for n, _ in to_vllm_weights(untied, tie_word_embeddings=False)]
+    assert "lm_head.weight" in kept and len(kept) == len(untied)
+
+
+def test_two_names_mapping_to_one_is_an_error() -> None:
+    t = torch.zeros(2)
+    with pytest.raises(ValueError, match="both map to 'model.norm.weight'"):
+        to_vllm_weights(
+            [("model.norm.weight", t), ("_orig_mod.model.norm.weight", t)],
+            tie_word_embeddings=False,
+        )
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_meta_parameters_match_the_real_model(tied: bool) -> None:
+    meta = meta_named_parameters(_config(tied))
+    real = list(_model(tied).named_parameters())
+    assert [(n, tuple(t.shape)) for n, t in meta] == [(n, tuple(t.shape)) for n, t in real]
+    assert all(t.is_meta for _, t in meta)
+    assert ("lm_head.weight" in dict(meta)) is (not tied)
+
+
+def test_check_against_specs_names_the_bad_parameter() -> None:
+    shapes = {n: tuple(t.shape) for n, t in meta_named_parameters(_config())}
+    check_against_specs(list(_model().named_parameters()), shapes)
+    with pytest.raises(KeyError, match="no parameter named 'model.extra'"):
+        check_against_specs([("model.extra", torch.zeros(1))], shapes)
+    with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \(31,\)"):
+        check_against_specs([("model.norm.weight", torch.zeros(31))], shapes)
+
+
+# ---------------------------------------------------------------- buckets and chunks
+
+
+def _mixed_dtype_params() -> list[tuple[str, torch.Tensor]]:
+    """The tiny model's parameters, every third one in bf16: two dtype groups."""
+    named = []
+    for i, (name, p) in enumerate(_model().named_parameters()):
+        named.append((name, p.detach().to(torch.bfloat16 if i % 3 == 0 else torch.float32)))
+    return named
+
+
+@pytest.mark.parametrize("as_bytes", [False, True])
+def test_split_buckets_covers_every_parameter_once_with_its_bytes(as_bytes: bool) -> None:
+    named = _mixed_dtype_params()
+    layout = BucketLayout.from_named(named, bucket_mb=4096 / 2**20)  # 4 KiB: many buckets
+    assert len(layout.buckets) > 5 and len({b.dtype for b in layout.buckets}) == 2
+    buffers = FlatBuffers(layout)
+    buffers.pack(named)
+    flats = buffers.byte_views if as_bytes else buffers.tensors
+    views = split_buckets(layout, flats)
+    assert [n for n, _ in views] == [n for n, _, _ in layout.specs()]
+    assert sorted(n for n, _ in views) == sorted(n for n, _ in named)
+    source = dict(named)
+    for name, view in views:
+        assert view.dtype == source[name].dtype and view.shape == source[name].shape
+        assert torch.equal(view.view(torch.uint8), source[name].contiguous().view(torch.uint8))
+    # Views alias the buffers: a write shows up in the bucket, no copy was made.
+    name, view = views[0]
+    slot = layout.slots[name]
+    view.view(-1)[0] = 7
+    assert buffers.tensors[slot.bucket][slot.offset].item() == 7
+
+
+def test_split_buckets_rejects_buffers_of_another_layout() -> None:
+    named = _mixed_dtype_params()
+    layout = BucketLayout.from_named(named, bucket_mb=4096 / 2**20)
+    buffers = FlatBuffers(layout)
+    with pytest.raises(ValueError, match="buckets, the layout has"):
+        split_buckets(layout, buffers.tensors[:-1])
+    wrong = [t.float() if t.dtype == torch.bfloat16 else t for t in buffers.tensors]
+    with pytest.raises(ValueError, match="the layout expects"):
+        split_buckets(layout, wrong)
+
+
+def test_chunks_of_split_buckets_reassemble_the_parameters() -> None:
+    named = _mixed_dtype_params()
+    layout = BucketLayout.from_named(named, bucket_mb=1.0)
+    buffers = FlatBuffers(layout)
+    buffers.pack(named)
+    views = split_buckets(layout, buffers.tensors)
+    chunks = chunk_by_bytes(views, max_bytes=3000)
+    assert len(chunks) > 3
+    assert [n for c in chunks for n, _ in c] == [n for n, _ in views]
+    for chunk in chunks:
+        assert len(chunk) == 1 or sum(t.numel() * t.element_size() for _, t in chunk) <= 3000
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=1, max_value=500), max_size=40),
+    cap=st.integers(min_value=1, max_value=600),
+)
+def test_chunk_by_bytes_is_ordered_capped_and_bounded(sizes: list[int], cap: int) -> None:
+    named = [(f"p{i}", torch.empty(s, dtype=torch.uint8)) for i, s in enumerate(sizes)]
+    chunks = chunk_by_bytes(named, cap)
+    assert [n for c in chunks for n, _ in c] == [n for n, _ in named]
+    sums = [sum(t.numel() for _, t in c) for c in chunks]
+    assert all(len(c) >= 1 for c in chunks)
+    assert all(s <= cap or len(c) == 1 for s, c in zip(sums, chunks, strict=True))
+    assert all(a + b > cap for a, b in zip(sums, sums[1:], strict=False))  # greedy: no merge
+    assert len(chunks) <= 2 * sum(sizes) / cap + 1
+
+
+def test_chunk_by_bytes_rejects_a_zero_cap() -> None:
+    with pytest.raises(ValueError, match="max_bytes"):
+        chunk_by_bytes([], 0)
+
+
+def test_memory_fraction_leaves_the_reserve_free() -> None:
+    gib = 2**30
+    assert vllm_memory_fraction(100 * gib, 10 * gib) == pytest.approx(0.8)
+    assert vllm_memory_fraction(80 * gib, 0, target=0.85) == pytest.approx(0.85)
+    with pytest.raises(ValueError, match="cannot hold vLLM"):
+        vllm_memory_fraction(10 * gib, 8 * gib)
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_logprobs_mode_choice_and_exactness_table() -> None:
+    assert choose_logprobs_mode(1.0) == "raw_logprobs"
+    assert choose_logprobs_mode(0.6) == "processed_logprobs"
+    sp = SamplingParams
+    assert logprobs_exact("raw_logprobs", sp(temperature=1.0, top_p=0.7, top_k=20))
+    assert not logprobs_exact("raw_logprobs", sp(temperature=0.6))
+    assert logprobs_exact("processed_logprobs", sp(temperature=0.6))
+    assert not logprobs_exact("processed_logprobs", sp(temperature=1.0, top_p=0.7))
+    assert not logprobs_exact("processed_logprobs", sp(temperature=0.6, top_k=5))
+    for mode in ("raw_logprobs", "processed_logprobs"):
+        assert logprobs_exact(mode, sp(temperature=0.0, top_p=0.5))  # greedy: untempered
+
+
+def test_plans_without_seed_use_one_request_of_n_per_prompt() -> None:
+    plans = plan_requests(3, SamplingParams(n=4))
+    assert plans == [RequestPlan(i, 4, None) for i in range(3)]
+
+
+def test_seeded_plans_give_every_sample_its_own_seed() -> None:
+    plans = plan_requests(3, SamplingParams(n=4, seed=100))
+    assert [p.prompt_index for p in plans] == [0] * 4 + [1] * 4 + [2] * 4
+    assert all(p.n == 1 for p in plans)
+    assert [p.seed for p in plans] == list(range(100, 112))
+
+
+def test_vllm_sampling_kwargs() -> None:
+    params = SamplingParams(n=4, temperature=0.8, top_p=0.9, top_k=-1, max_new_tokens=32)
+    kwargs = vllm_sampling_kwargs(params, RequestPlan(0, 4, None), eos_token_ids=(7, 2))
+    assert kwargs == {
+        "n": 4, "temperature": 0.8, "top_p": 0.9, "top_k": 0, "max_tokens": 32, "seed": None,
+        "logprobs": 0, "stop_token_ids": [2, 7], "ignore_eos": False, "detokenize": False,
+    }  # fmt: skip
+    assert vllm_sampling_kwargs(SamplingParams(top_k=5), RequestPlan(0, 1, 3), EOS)["top_k"] == 5
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _entries(tokens: list[int], values: list[float]) -> list[dict[int, float]]:
+    """vLLM-style entries: the sampled token plus a higher-ranked decoy (token 63)."""
+    return [
+        {63: -0.01, tok: lp} if tok != 63 else {tok: lp}
+        for tok, lp in zip(tokens, values, strict=True)
+    ]
+
+
+def test_stop_keeps_the_eos_and_aligns_logprobs_with_the_sampled_tokens() -> None:
+    tokens, values = [5, 9, 2], [-1.5, -0.25, -3.0]
+    c = to_completion(RawSample(tokens, _entries(tokens, values), "stop"), EOS, 8)
+    assert c.finish_reason == "stop"
+    assert c.token_ids.tolist() == tokens and c.token_ids.dtype == np.int32
+    assert c.logprobs.tolist() == values and c.logprobs.dtype == np.float32
+
+
+def test_length_whose_last_token_is_eos_counts_as_stop() -> None:
+    c = to_completion(RawSample([5, 1], [-1.0, -2.0], "length"), EOS, 2)
+    assert c.finish_reason == "stop" and c.token_ids.tolist() == [5, 1]
+
+
+def test_length_without_eos() -> None:
+    c = to_completion(RawSample([5, 6, 7], [-1.0, -0.5, -0.125], "length"), EOS, 3)
+    assert c.finish_reason == "length" and len(c) == 3
+    short = to_completion(RawSample([5, 6], [-1.0, -0.5], "length"), EOS, 3)  # context full
+    assert short.finish_reason == "length" and len(short) == 2
+
+
+@pytest.mark.parametrize("reason", ["abort", None, "error"])
+def test_unfinished_samples_raise(reason: str | None) -> None:
+    with pytest.raises(GenerationAborted, match=repr(reason)):
+        to_completion(RawSample([5], [-1.0], reason), EOS, 4)
+
+
+@pytest.mark.parametrize(
+    ("sample", "message"),
+    [
+        (RawSample([5, 6], [-1.0, -1.0], "stop"), "'stop' without a final EOS"),
+        (RawSample([5, 2, 6], [-1.0] * 3, "length"), "EOS at position 1 of 3"),
+        (RawSample([5, 6, 7, 8], [-1.0] * 4, "length"), "4 tokens, expected 1..3"),
+        (RawSample([], [], "length"), "0 tokens"),
+        (RawSample([5, 2], None, "stop"), "no log-probs"),
+        (RawSample([5, 2], [-1.0], "stop"), "1 log-prob entries for 2 tokens"),
+        (RawSample([5, 2], [{5: -1.0}, {6: -1.0}], "stop"), "do not include sampled token 2"),
+        (RawSample([5, 2], [-1.0, math.nan], "stop"), "position 1: nan"),
+        (RawSample([5, 2], [0.5, -1.0], "stop"), "position 0: 0.5"),
+    ],
+)
+def test_malformed_samples_raise(sample: RawSample, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        to_completion(sample, EOS, 3)
+
+
+def test_regroup_collects_seeded_requests_per_prompt() -> None:
+    params = SamplingParams(n=2, seed=0, max_new_tokens=4)
+    plans = plan_requests(2, params)
+    outputs = [[RawSample([10 + k, 2], [-0.5, -float(k + 1)], "stop")] for k in range(4)]
+    groups = regroup(plans, outputs, 2, params, EOS)
+    assert [[c.token_ids[0] for c in g] for g in groups] == [[10, 11], [12, 13]]
+    assert groups[1][1].logprobs.tolist() == [-0.5, -4.0]
+
+
+def test_regroup_rejects_missing_samples() -> None:
+    params = SamplingParams(n=2, max_new_tokens=4)
+    plans = plan_requests(1, params)
+    with pytest.raises(ValueError, match="prompt 0: 1 samples, asked 2"):
+        regroup(plans, [[RawSample([2], [-1.0], "stop")]], 1, params, EOS)
+    with pytest.raises(ValueError, match="1 request outputs for 2 requests"):
+        regroup(plan_requests(2, params), [[]], 2, params, EOS)
+
+
+# ---------------------------------------------------------------- generation gate
+
+
+def _start(target) -> threading.Thread:
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_generations_run_concurrently() -> None:
+    gate, barrier = GenerationGate(), threading.Barrier(4, timeout=WAIT)
+    errors: list[BaseException] = []
+
+    def generate() -> None:
+        try:
+            with gate.generating(WAIT):
+                barrier.wait()  # only passes when all four are inside at once
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [_start(generate) for _ in range(4)]
+    for t in threads:
+        t.join(WAIT)
+    assert errors == [] and gate.active == 0 and gate.state == "open"
+
+
+def test_update_waits_for_running_generation_and_holds_new_ones_back() -> None:
+    gate = GenerationGate()
+    inside, release = threading.Event(), threading.Event()
+    updated, late_entered = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def long_generation() -> None:
+        with gate.generating(WAIT):
+            inside.set()
+            release.wait(WAIT)
+            order.append("generation done")
+
+    def update() -> None:
+        with gate.updating(WAIT):
+            order.append(f"update with {gate.active} active")
+            updated.set()
+
+    def late_generation() -> None:
+        with gate.generating(WAIT):
+            order.append("late generation")
+            late_entered.set()
+
+    first = _start(long_generation)
+    assert inside.wait(WAIT)
+    updater = _start(update)
+    assert not updated.wait(BLOCKED)  # blocked by the running generation
+    assert gate.state == "draining"
+    late = _start(late_generation)
+    assert not late_entered.wait(BLOCKED)  # held back: the pending update goes first
+    release.set()
+    for t in (first, updater, late):
+        t.join(WAIT)
+    assert order == ["generation done", "update with 0 active", "late generation"]
+    assert gate.state == "open"
+
+
+def test_generation_is_blocked_while_weights_load() -> None:
+    gate = GenerationGate()
+    loading, finish, generated = threading.Event(), threading.Event(), threading.Event()
+
+    def update() -> None:
+        with gate.updating(WAIT):
+            loading.set()
+            finish.wait(WAIT)
+
+    updater = _start(update)
+    assert loading.wait(WAIT) and gate.state == "updating"
+
+    def generate() -> None:
+        with gate.generating(WAIT):
+            generated.set()
+
+    generator = _start(generate)
+    assert not generated.wait(BLOCKED)
+    finish.set()
+    assert generated.wait(WAIT)
+    updater.join(WAIT)
+    generator.join(WAIT)
+    assert gate.state == "open" and gate.active == 0
+
+
+def test_timeouts_raise_and_a_timed_out_update_withdraws() -> None:
+    gate = GenerationGate()
+    with gate.generating():
+        thread_errors: list[BaseException] = []
+
+        def update() -> None:
+            try:
+                with gate.updating(0.05):
+                    pass
+            except GateTimeout as exc:
+                thread_errors.append(exc)
+
+        _start(update).join(WAIT)
+        assert len(thread_errors) == 1 and "1 generations running" in str(thread_errors[0])
+        assert gate.state == "open"
+        with gate.generating(0.05):  # nested entry works, and new ones are not held back
+            pass
+    with gate.updating():
+        errors: list[BaseException] = []
+
+        def generate() -> None:
+            try:
+                with gate.generating(0.05):
+                    pass
+            except GateTimeout as exc:
+                errors.append(exc)
+
+        _start(generate).join(WAIT)
+        assert len(errors) == 1
+    assert gate.state == "open" and gate.active == 0
+
+
+def test_generation_held_back_by_a_withdrawn_update_goes_ahead() -> None:
+    gate = GenerationGate()
+    held_back, entered, timed_out = threading.Event(), threading.Event(), threading.Event()
+
+    def update() -> None:
+        with pytest.raises(GateTimeout), gate.updating(0.3):
+            pass
+        timed_out.set()
+
+    def generate() -> None:
+        held_back.set()
+        with gate.generating(10 * WAIT):  # far longer than we wait for it below
+            entered.set()
+
+    with gate.generating():  # keeps the update waiting until it gives up
+        updater = _start(update)
+        while gate.state != "draining":
+            threading.Event().wait(0.005)
+        generator = _start(generate)
+        assert held_back.wait(WAIT) and not entered.wait(0.05)
+        assert entered.wait(WAIT)  # woken by the withdrawal, while this generation still runs
+        assert timed_out.is_set()
+    updater.join(WAIT)
+    generator.join(WAIT)
+
+
+def test_nested_generation_passes_a_pending_update() -> None:
+    gate, updated = GenerationGate(), threading.Event()
+
+    def update() -> None:
+        with gate.updating(WAIT):
+            updated.set()
+
+    with gate.generating():
+        updater = _start(update)
+        while gate.state != "draining":
+            threading.Event().wait(0.005)
+        with gate.generating(0.2):  # would wait for the drain it blocks
+            assert gate.active == 2
+        assert not updated.is_set()
+    assert updated.wait(WAIT)
+    updater.join(WAIT)
+
+
+def test_exceptions_release_the_gate() -> None:
+    gate = GenerationGate()
+    with pytest.raises(KeyError), gate.generating():
+        raise KeyError("boom")
+    with pytest.raises(KeyError), gate.updating():
+        raise KeyError("boom")
+    assert gate.state == "open" and gate.active == 0
+    with gate.updating(0.05):
+        pass
+
+
+def test_same_thread_misuse_raises_instead_of_deadlocking() -> None:
+    gate = GenerationGate()
+    with gate.generating(), pytest.raises(RuntimeError, match="inside a generation"):
+        with gate.updating(0.05):
+            pass
+    with gate.updating(), pytest.raises(RuntimeError, match="holding a weight update"):
+        with gate.generating(0.05):
+            pass
+
+
+def test_random_interleaving_never_overlaps_updates_and_generations() -> None:
+    gate, lock = GenerationGate(), threading.Lock()
+    state = {"generating": 0, "updating": 0, "violations": 0, "updates": 0}
+
+    def enter(kind: str) -> None:
+        with lock:
+            state[kind] += 1
+            busy_other = state["updating" if kind == "generating" else "generating"]
+            if busy_other or (kind == "updating" and state["updating"] > 1):
+                state["violations"] += 1
+
+    def leave(kind: str) -> None:
+        with lock:
+            state[kind] -= 1
+
+    def worker(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(60):
+            kind = "updating" if rng.random() < 0.2 else "generating"
+            with gate.updating(WAIT) if kind == "updating" else gate.generating(WAIT):
+                enter(kind)
+                if kind == "updating":
+                    state["updates"] += 1
+                leave(kind)
+
+    threads = [_start(lambda s=s: worker(s)) for s in range(6)]
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    assert state["violations"] == 0 and state["updates"] > 0 and gate.active == 0
+
+
+# ---------------------------------------------------------------- the real engine (GPU)
+
+
+_MISSING = [
+    reason
+    for reason, missing in (
+        ("a CUDA GPU (vLLM has no CPU build)", not torch.cuda.is_available()),
+        ("vllm (pip install -e '.[vllm]')", importlib.util.find_spec("vllm") is None),
+    )
+    if missing
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(_MISSING), reason=f"the real vLLM engine needs {' and '.join(_MISSING)}")
+def test_vllm_engine_generates_and_loads_weights(tmp_path) -> None:
+    from dapo.engines.hf import HFEngine
+    from dapo.engines.vllm import VLLMEngine
+
+    config = Qwen2Config(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True, eos_token_id=list(EOS), initializer_range=0.2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    first, second = Qwen2ForCausalLM(config), Qwen2ForCausalLM(config)
+    first.save_pretrained(tmp_path)
+    engine = VLLMEngine(
+        tmp_path,
+        EOS,
+        dtype="float32",
+        gpu_memory_utilization=0.3,
+        max_model_len=128,
+        enforce_eager=True,
+    )
+    prompts = [[5, 6, 7, 8], [10, 11, 12]]
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=12, seed=3)
+
+    def assert_matches(model: Qwen2ForCausalLM) -> None:
+        groups = engine.generate(prompts, params)
+        reference = HFEngine(model.float(), EOS, device="cuda")
+        for prompt, group in zip(prompts, groups, strict=True):
+            assert len(group) == params.n
+            for c in group:
+                ids = torch.tensor([prompt + c.token_ids.tolist()], device="cuda")
+                with torch.no_grad():
+                    logits = reference.model(ids).logits[0, len(prompt) - 1 : -1].float()
+                expected = torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt) :, None])
+                got = torch.from_numpy(c.logprobs).to("cuda")
+                assert torch.allclose(got, expected[:, 0], atol=2e-3), (got, expected[:, 0])
+                assert (c.finish_reason == "stop") == (int(c.token_ids[-1]) in EOS)
+
+    assert_matches(first)
+    before = engine.weights_checksum()
+    engine.load_weights(list(second.named_parameters()))
+    assert engine.weights_checksum() != before
+    assert_matches(second)  # log-probs now follow the loaded weights, not the first ones
+    engine.close()

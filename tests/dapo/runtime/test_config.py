@@ -1,0 +1,102 @@
+"""Run specs load from YAML + env + overrides, and bad values are named before anything starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dapo.runtime.config import ConfigError, load_run_spec
+
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    spec = load_run_spec(path, environ={})
+    assert spec.data.train_batch_size % spec.actor.ppo_mini_batch_size == 0
+
+
+def test_paper_recipe_values():
+    spec = load_run_spec("dapo-qwen2.5-32b", environ={})
+    assert (spec.data.train_batch_size, spec.rollout.n, spec.actor.ppo_mini_batch_size) == (
+        512,
+        16,
+        32,
+    )
+    assert (spec.actor.clip_ratio_low, spec.actor.clip_ratio_high, spec.actor.clip_ratio_c) == (
+        0.2,
+        0.28,
+        10.0,
+    )
+    assert spec.actor.loss_agg_mode == "token-mean"
+    assert spec.actor.optim.lr == 1e-6 and spec.actor.optim.weight_decay == 0.1
+    assert spec.reward.overlong_buffer.len == 4096 and spec.data.max_response_length == 20480
+    assert spec.algorithm.filter_groups.enable and spec.algorithm.filter_groups.metric == "acc"
+    assert spec.rollout.val_kwargs.top_p == 0.7 and spec.rollout.val_kwargs.n == 32
+
+
+def test_overrides_env_then_cli(tmp_path):
+    env = {"DAPO_SPEC__ACTOR__CLIP_RATIO_HIGH": "0.3", "DAPO_SPEC__ROLLOUT__N": "4"}
+    spec = load_run_spec("cpu-small", ["rollout.n=6", "actor.optim.lr=2e-5"], environ=env)
+    assert spec.actor.clip_ratio_high == 0.3
+    assert spec.rollout.n == 6  # command line beats environment
+    assert spec.actor.optim.lr == 2e-5
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("actor.clip_ratio_low=1.5", "actor.clip_ratio_low"),
+        ("actor.loss_agg_mode=mean", "actor.loss_agg_mode"),
+        ("rollout.n=1", "rollout.n"),
+        ("algorithm.filter_groups.metric=loss", "algorithm.filter_groups.metric"),
+        ("reward.overlong_buffer.penalty_factor=-1", "reward.overlong_buffer.penalty_factor"),
+        ("actor.clip_ratio_hgh=0.3", "actor.clip_ratio_hgh"),
+    ],
+)
+def test_invalid_value_names_the_field(override, field):
+    with pytest.raises(ConfigError) as err:
+        load_run_spec("cpu-small", [override], environ={})
+    assert field in str(err.value)
+
+
+def test_cross_field_rule_is_explained():
+    with pytest.raises(ConfigError, match="ppo_mini_batch_size must divide"):
+        load_run_spec(None, ["data.train_batch_size=10", "actor.ppo_mini_batch_size=4"], environ={})
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("actor: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_run_spec(bad, environ={})
+    with pytest.raises(ConfigError, match="not found"):
+        load_run_spec(tmp_path / "nope.yaml", environ={})
+
+
+def test_cli_validate_rejects_bad_field_before_starting():
+    proc = subprocess.run(
+        [sys.executable, "-m", "dapo.cli", "validate", "-c", "cpu-small", "rollout.temperature=0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "rollout.temperature" in proc.stderr
+
+
+def test_cli_help_is_fast_and_lists_commands():
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "dapo.cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0
+    for cmd in ("up", "service", "score", "eval"):
+        assert cmd in proc.stdout
+    heavy = [m for m in ("torch", "transformers", "redis", "pydantic") if f" {m}\n" in proc.stderr]
+    assert heavy == [], f"--help imported heavy modules: {heavy}"
