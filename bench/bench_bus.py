@@ -15,7 +15,8 @@ import time
 import numpy as np
 import redis
 
-from dapo.transport.bus import BusSettings, RedisBus
+from dapo.transport.bus import BusSettings
+from dapo.transport.redis_bus import RedisBus
 from dapo.transport.redis_embed import EmbeddedRedis
 from proto.codec import decode, encode
 from proto.messages import RolloutGroup, Sample

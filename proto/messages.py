@@ -266,29 +266,6 @@ class WeightReport(Message):
     """Checksum of the loaded weights."""
 
 
-RunStatus = Literal["pending", "running", "paused", "stopping", "stopped", "completed", "failed"]
-
-
-class RunState(BaseModel):
-    """The run's lifecycle record (a Redis hash beside the streams)."""
-
-    model_config = ConfigDict(extra="forbid")
-    schema_version: Literal[1] = SCHEMA_VERSION
-    run_id: str
-    status: RunStatus = "pending"
-    """Lifecycle state; services follow it."""
-    step: int = Field(0, ge=0)
-    """Training batches consumed."""
-    policy_version: int = Field(0, ge=0)
-    """Current policy version."""
-    created_at: float = Field(default_factory=time.time)
-    updated_at: float = Field(default_factory=time.time)
-    error: str | None = None
-    """Why the run failed, when it did."""
-    restarts: dict[str, int] = Field(default_factory=dict)
-    """Times each service process (by worker id) was restarted after dying."""
-
-
 STREAM_MESSAGES: dict[str, type[Message]] = {
     "prompts": PromptTask,
     "rollouts": RolloutGroup,

@@ -13,6 +13,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from proto.vocab import (
+    EngineName,
+    FilterMetric,
+    KLType,
+    LossAggMode,
+    ModelDType,
+    PromptTemplate,
+    RewardMode,
+)
+
 SPEC_VERSION = 1
 
 
@@ -27,7 +37,7 @@ class ModelConfig(_Strict):
     """Hugging Face model directory; ``default-task`` is the embedded tiny model."""
     tokenizer_path: str | None = None
     """Tokenizer directory; None means the model directory."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: ModelDType = "float32"
     """Parameter dtype the learner keeps its master weights in."""
 
 
@@ -48,7 +58,7 @@ class DataConfig(_Strict):
     """Shuffle the prompts each epoch."""
     seed: int = 0
     """Seed of the shuffle."""
-    prompt_template: Literal["none", "dapo"] = "none"
+    prompt_template: PromptTemplate = "none"
     """Wrap each prompt in the DAPO math template (rows that already carry it are left alone)."""
     apply_chat_template: bool = True
     """Render prompts with the tokenizer's chat template when it has one."""
@@ -64,7 +74,7 @@ class ValKwargs(_Strict):
 
 
 class RolloutConfig(_Strict):
-    engine: Literal["hf", "vllm"] = "hf"
+    engine: EngineName = "hf"
     """Inference engine: Hugging Face transformers (portable) or vLLM (GPU)."""
     n: int = Field(16, ge=2)
     """G: samples generated per prompt (a group)."""
@@ -104,9 +114,7 @@ class ActorConfig(_Strict):
     """eps_high of Clip-Higher: ratio ceiling 1 + eps_high."""
     clip_ratio_c: float | None = Field(10.0, gt=1.0)
     """Dual-clip bound c for negative advantages; None disables dual clip."""
-    loss_agg_mode: Literal[
-        "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
-    ] = "token-mean"
+    loss_agg_mode: LossAggMode = "token-mean"
     """How per-token losses become one scalar (token-mean is DAPO's token-level loss)."""
     log_ratio_clamp: float = Field(20.0, gt=0.0)
     """|log r| is clamped to this before exp, for numeric safety."""
@@ -116,7 +124,7 @@ class ActorConfig(_Strict):
     """Add a KL penalty to a frozen reference policy (off in DAPO)."""
     kl_loss_coef: float = Field(0.0, ge=0.0)
     """Weight of the KL penalty."""
-    kl_loss_type: Literal["k1", "k3"] = "k3"
+    kl_loss_type: KLType = "k3"
     """KL estimator: k1 = log-ratio, k3 = low-variance (Schulman) estimator."""
     tis_imp_ratio_cap: float | None = Field(None, gt=0.0)
     """Cap of the truncated importance weight behaviour->old policy (None = off)."""
@@ -133,7 +141,7 @@ class ActorConfig(_Strict):
 class FilterGroupsConfig(_Strict):
     enable: bool = True
     """Dynamic sampling: drop groups whose metric is identical across all G samples."""
-    metric: Literal["acc", "score", "reward"] = "acc"
+    metric: FilterMetric = "acc"
     """Per-sample value compared within a group."""
     max_num_gen_batches: int = Field(10, ge=0)
     """Generation rounds allowed to fill one batch before a clear error (0 = unlimited)."""
@@ -160,7 +168,7 @@ class OverlongBufferConfig(_Strict):
 
 
 class RewardConfig(_Strict):
-    mode: Literal["dapo", "boxed", "math_verify"] = "dapo"
+    mode: RewardMode = "dapo"
     """Verifier: official DAPO-compatible, strict \\boxed{}, or symbolic Math-Verify."""
     timeout_s: float = Field(2.0, gt=0.0)
     """Upper bound on one verification; a timeout scores -1."""
@@ -184,7 +192,7 @@ class TrainerConfig(_Strict):
 class RunSpec(_Strict):
     spec_version: Literal[1] = SPEC_VERSION
     """Version of this schema."""
-    name: str = Field("dapo", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    name: str = Field("dapo", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
     """Human name of the run; part of the run id."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)

@@ -15,7 +15,6 @@ from transformers import AutoModelForCausalLM
 
 from dapo.cli.stack import RestartPolicy
 from dapo.weights.registry import stale_or_mismatched_workers
-from proto.account import read_account
 from proto.keys import run_key
 from tests.e2e_helpers import (
     make_dataset,
@@ -62,7 +61,7 @@ def test_short_run_trains_broadcasts_and_accounts(model_dir, tmp_path, redis_url
         assert bad == {}
     finally:
         stack.stop()
-    account = read_account(store.client, run_id)
+    account = store.account(run_id)
     assert account["batches"] == 3 and account["trained"] == 3 * spec.data.train_batch_size
     filtered = account["filtered_all_correct"] + account["filtered_all_wrong"]
     assert account["dispatched"] == (
@@ -98,7 +97,7 @@ def test_learner_killed_mid_run_resumes_without_losing_a_batch(model_dir, tmp_pa
         assert wait_status(store, stack, run_id, {"completed", "failed"}) == "completed"
     finally:
         stack.stop()
-    account = read_account(store.client, run_id)
+    account = store.account(run_id)
     assert account["batches"] == 5  # the sampler published each batch exactly once
     trained = [r["batch_id"] for r in metrics_lines(stack.run_dir)]
     # after the restart the learner continues from its newest checkpoint: every batch id
@@ -140,7 +139,7 @@ def test_a_killed_service_is_restarted_and_the_run_completes(model_dir, tmp_path
     finally:
         stack.stop()
     assert store.state(run_id).restarts == {"reward-0": 1}
-    account = read_account(store.client, run_id)
+    account = store.account(run_id)
     assert account["batches"] == 4 and account["trained"] == 4 * spec.data.train_batch_size
     filtered = account["filtered_all_correct"] + account["filtered_all_wrong"]
     assert account["dispatched"] == (

@@ -1,4 +1,8 @@
-"""The ablation presets: valid RunSpecs, paper values, one technique added per row."""
+"""The ablation presets: valid RunSpecs, paper values, one technique added per row.
+
+Each row after the first is an overlay that ``extends`` the previous one, so every
+check here is made on the spec as ``load_run_spec`` resolves it, not on the file text.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from dapo.runtime.config import load_config_tree, load_run_spec
 from proto.runspec import RunSpec
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "presets"
@@ -36,8 +41,8 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _load(name: str) -> tuple[str, RunSpec]:
-    text = (PRESETS / f"{name}.yaml").read_text()
-    return text, RunSpec.model_validate(yaml.safe_load(text))
+    path = PRESETS / f"{name}.yaml"
+    return path.read_text(), load_run_spec(path, overrides=(), environ={})
 
 
 def test_exactly_the_ablation_files_exist() -> None:
@@ -45,10 +50,9 @@ def test_exactly_the_ablation_files_exist() -> None:
 
 
 @pytest.mark.parametrize(("name", "score", "_switch"), ROWS)
-def test_preset_is_complete_and_carries_reference_values(name: str, score: int, _switch) -> None:
+def test_resolved_preset_carries_reference_values(name: str, score: int, _switch) -> None:
     text, spec = _load(name)
-    # every field is written out, so a preset never depends on code defaults
-    assert set(_flatten(yaml.safe_load(text))) == set(_flatten(spec.model_dump()))
+    assert spec.name == f"dapo-ablation-{name}"
     assert re.search(rf"AIME 2024 score for this row \(avg@32\): {score}\b", text)
     assert spec.model.path == "Qwen/Qwen2.5-32B"
     assert spec.data.train_files == ["dapo-math-17k.parquet"]
@@ -65,6 +69,21 @@ def test_preset_is_complete_and_carries_reference_values(name: str, score: int, 
     assert not spec.actor.use_kl_loss and spec.actor.kl_loss_coef == 0.0
     assert spec.actor.entropy_coeff == 0.0 and spec.actor.tis_imp_ratio_cap is None
     assert spec.algorithm.filter_groups.metric == "acc"
+
+
+@pytest.mark.parametrize("name", [r[0] for r in ROWS])
+def test_resolved_preset_never_falls_back_on_code_defaults(name: str) -> None:
+    # the extends chain states every field, so a changed default cannot move a row
+    _, spec = _load(name)
+    resolved = load_config_tree(PRESETS / f"{name}.yaml")
+    assert set(_flatten(resolved)) == set(_flatten(spec.model_dump()))
+
+
+@pytest.mark.parametrize("index", range(1, len(ROWS)))
+def test_each_row_file_states_only_its_base_name_and_switch(index: int) -> None:
+    raw = yaml.safe_load((PRESETS / f"{ROWS[index][0]}.yaml").read_text())
+    assert raw.pop("extends") == f"{ROWS[index - 1][0]}.yaml"
+    assert set(_flatten(raw)) == {"name", *ROWS[index][2]}
 
 
 def test_naive_grpo_switches() -> None:

@@ -3,7 +3,8 @@
 A_i = (R_i - mean(R)) / (std(R) + eps) over the G samples of one prompt, with
 the unbiased (N - 1) std as in the reference code; without the std division
 when ``algorithm.norm_adv_by_std_in_grpo`` is False (Dr. GRPO). Each sample's
-advantage is then broadcast over its response tokens.
+advantage is then spread over its response tokens by ``dapo.algorithm.loss.policy_loss``,
+which takes (B,) advantages as well as (B, T).
 """
 
 from __future__ import annotations
@@ -37,16 +38,3 @@ def group_advantages(
         centred = centred / (std + eps)
     constant = (rewards.amax(dim=1) == rewards.amin(dim=1)).unsqueeze(1)  # (N, 1)
     return torch.where(constant, torch.zeros_like(centred), centred)
-
-
-def broadcast_to_tokens(adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sample advantages (B,) spread over response tokens: (B,), (B, T) -> (B, T).
-
-    Positions outside the mask get 0. The result has the dtype of ``adv``.
-    """
-    if adv.dim() != 1 or mask.dim() != 2 or adv.shape[0] != mask.shape[0]:
-        raise ValueError(
-            f"adv must be (B,) and mask (B, T) with the same B, got {tuple(adv.shape)} and "
-            f"{tuple(mask.shape)}"
-        )
-    return torch.where(mask.bool(), adv.unsqueeze(-1), 0.0)

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
-FilterMetric = Literal["acc", "score", "reward"]
+from proto.vocab import FILTER_METRICS, FilterMetric
 
 
 def keep_group(values: Sequence[float]) -> bool:
@@ -54,9 +54,6 @@ def group_metric(samples: Sequence[Any], metric: FilterMetric) -> list[float]:
         return [1.0 if bool(_read(s, "acc")) else 0.0 for s in samples]
     if metric in ("score", "reward"):
         return [float(_read(s, "score")) for s in samples]
-    raise ValueError(f"algorithm.filter_groups.metric must be acc/score/reward, got {metric!r}")
-
-
-def keep_samples(samples: Sequence[Any], metric: FilterMetric) -> bool:
-    """The dynamic-sampling decision for one group of samples."""
-    return keep_group(group_metric(samples, metric))
+    raise ValueError(
+        f"algorithm.filter_groups.metric must be one of {FILTER_METRICS}, got {metric!r}"
+    )

@@ -36,29 +36,18 @@ shrink every other sample's weight.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
 from proto.runspec import ActorConfig
-
-LossAggMode = Literal[
-    "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
-]
-AGG_MODES: tuple[str, ...] = (
-    "token-mean",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-sum-norm",
-)
+from proto.vocab import LOSS_AGG_MODES, KLType
 
 Normalizer = float | torch.Tensor
 
 
 def _check_mode(loss_agg_mode: str) -> None:
-    if loss_agg_mode not in AGG_MODES:
-        raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {loss_agg_mode!r}")
+    if loss_agg_mode not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {loss_agg_mode!r}")
 
 
 def _check_2d(name: str, x: torch.Tensor, shape: torch.Size) -> None:
@@ -166,7 +155,7 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 def kl_penalty(
     logp_new: torch.Tensor,
     logp_ref: torch.Tensor,
-    kl_type: Literal["k1", "k3"],
+    kl_type: KLType,
     log_ratio_clamp: float = 20.0,
 ) -> torch.Tensor:
     """Per-token estimate of KL(new || ref) from samples of the new policy.

@@ -7,15 +7,14 @@ With ``Lmax`` the generation budget, ``Lcache`` the punishment interval and
     ((Lmax - Lcache) - L) / Lcache * f  if Lmax - Lcache < L <= Lmax
     -f                                  if L > Lmax
 
-The penalty is added to the verifier's score; accuracy stays the verifier's.
+The reward service adds the penalty to the verifier's score when
+``reward.overlong_buffer.enable`` is set; accuracy stays the verifier's.
 The ramp is continuous: it is 0 at ``Lmax - Lcache`` and ``-f`` at ``Lmax``.
 """
 
 from __future__ import annotations
 
 import math
-
-from proto.runspec import OverlongBufferConfig
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -45,14 +44,3 @@ def overlong_penalty(
     if length <= max_response_length:
         return (expected - length) / buffer_len * penalty_factor
     return -float(penalty_factor)
-
-
-def score_with_overlong(
-    verdict_score: float, length: int, cfg: OverlongBufferConfig, max_response_length: int
-) -> float:
-    """Verifier score plus the soft overlong penalty (unchanged when ``cfg.enable`` is False)."""
-    if not cfg.enable:
-        return float(verdict_score)
-    return float(verdict_score) + overlong_penalty(
-        length, max_response_length, cfg.len, cfg.penalty_factor
-    )

@@ -22,10 +22,10 @@ from dapo.data.dataset import DatasetError, load_default_or_files
 from dapo.data.models import load_tokenizer, pick_device, resolve_model_dir
 from dapo.data.prompts import PromptSource
 from dapo.runtime.config import ConfigError, load_run_spec
-from dapo.runtime.runs import FINAL, RunStore
-from dapo.transport.bus import connect
+from dapo.runtime.runs import RunStore
+from dapo.transport.redis_bus import connect
 from dapo.transport.redis_embed import EmbeddedRedis
-from proto.keys import run_key
+from proto.lifecycle import FINAL
 from proto.runspec import RunSpec
 
 CACHE_DIR = os.environ.get("DAPO_CACHE_DIR") or None  # None: the repository's .cache/
@@ -100,14 +100,14 @@ class LocalRun:
             stack.callback(services.stop)
             try:
                 self._start(services)
-                store.set_status(run_id, "running")
+                store.act(run_id, "start")
                 t_train = time.time()
                 self._follow(store, services, run_id, run_dir)
                 train_s = time.time() - t_train
             except KeyboardInterrupt:
                 print("\nstopping: the learner writes a final checkpoint ...", flush=True)
                 with contextlib.suppress(Exception):
-                    store.set_status(run_id, "stopping")
+                    store.act(run_id, "stop")
                     self._wait_final(store, run_id, 60)
                 return 130
             services.stop()
@@ -170,8 +170,8 @@ class LocalRun:
             time.sleep(0.5)
 
     def _finish(self, client, run_id, run_dir, before, train_s, t_start) -> int:
-        final = client.get(run_key(run_id, "final_checkpoint"))
-        final_dir = Path(final.decode()) if final else None
+        final = RunStore(client).state(run_id).final_checkpoint
+        final_dir = Path(final) if final else None
         k = self.eval_spec().n
         after = {}
         if not self.skip_eval and final_dir is not None:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import get_args
+
+from proto.vocab import REWARD_MODES, PromptTemplate
 
 SERVICES = ("rollout", "reward", "sampler", "learner", "api")
 
@@ -107,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=1024)
     ev.add_argument("--limit", type=int, default=0, help="only the first N problems (0 = all)")
     ev.add_argument("--batch", type=int, default=16, help="prompts per generation batch")
-    ev.add_argument("--template", choices=["none", "dapo"], default="none")
-    ev.add_argument("--mode", choices=["dapo", "boxed", "math_verify"], default="dapo")
+    ev.add_argument("--template", choices=get_args(PromptTemplate), default="none")
+    ev.add_argument("--mode", choices=REWARD_MODES, default="dapo")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", action="store_true", help="print the figures as JSON")

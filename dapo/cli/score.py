@@ -20,7 +20,8 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import IO
 
-from dapo.reward.verify import MODES, verify
+from dapo.reward.verify import verify
+from proto.vocab import REWARD_MODES
 
 EXIT_BAD_INPUT = 2
 _FIELDS = ("response", "ground_truth")
@@ -75,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score JSONL lines {response, ground_truth} with the rule-based verifier.",
     )
     parser.add_argument("file", nargs="?", help="input JSONL (default: stdin)")
-    parser.add_argument("--mode", choices=MODES, default="dapo", help="verifier (default: dapo)")
+    parser.add_argument(
+        "--mode", choices=REWARD_MODES, default="dapo", help="verifier (default: dapo)"
+    )
     parser.add_argument(
         "--timeout-s",
         type=float,

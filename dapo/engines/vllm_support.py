@@ -46,7 +46,6 @@ import numpy as np
 import torch
 
 from dapo.engines.base import Completion, SamplingParams
-from dapo.weights.buckets import BucketLayout
 
 WRAPPER_COMPONENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 LEADING_WRAPPERS = ("module",)  # DDP; only as the first component
@@ -112,29 +111,7 @@ def meta_named_parameters(config: Any) -> list[NamedTensor]:
     return list(model.named_parameters())
 
 
-# ---------------------------------------------------------------- buckets and chunks
-
-
-def split_buckets(layout: BucketLayout, buckets: Sequence[torch.Tensor]) -> list[NamedTensor]:
-    """(name, view) for every slot of ``layout``, in layout order, aliasing ``buckets``.
-
-    ``buckets[i]`` is bucket i as a flat tensor of the bucket's dtype or as
-    its raw bytes (uint8); no byte is copied.
-    """
-    if len(buckets) != len(layout.buckets):
-        raise ValueError(f"got {len(buckets)} buckets, the layout has {len(layout.buckets)}")
-    out: list[NamedTensor] = []
-    for spec, flat in zip(layout.buckets, buckets, strict=True):
-        if flat.dtype == torch.uint8 and spec.dtype != torch.uint8:
-            flat = flat.view(spec.dtype)
-        if flat.dtype != spec.dtype or flat.dim() != 1 or flat.numel() != spec.numel:
-            raise ValueError(
-                f"bucket {spec.index} is {flat.dtype} with shape {tuple(flat.shape)}, "
-                f"the layout expects ({spec.numel},) {spec.dtype}"
-            )
-        for slot in spec.slots:
-            out.append((slot.name, flat[slot.offset : slot.offset + slot.numel].view(slot.shape)))
-    return out
+# ---------------------------------------------------------------- chunks and memory
 
 
 def chunk_by_bytes(named_tensors: Sequence[NamedTensor], max_bytes: int) -> list[list[NamedTensor]]:

@@ -48,12 +48,10 @@ from dapo.reward.normalize import (
     last_boxed_content,
     normalize_final_answer,
 )
+from proto.vocab import REWARD_MODES, RewardMode
 
 TAIL_CHARS = 300
 """Characters at the end of the response that the scorer looks at (as in the reference)."""
-
-Mode = Literal["dapo", "boxed", "math_verify"]
-MODES: tuple[str, ...] = ("dapo", "boxed", "math_verify")
 
 Reason = Literal["ok", "no_answer", "mismatch", "timeout", "error"]
 
@@ -280,7 +278,7 @@ def verify_math_verify(response: str, ground_truth: str, timeout_s: float = 2.0)
 
 
 def verify(
-    response: str, ground_truth: str, mode: Mode = "dapo", timeout_s: float = 2.0
+    response: str, ground_truth: str, mode: RewardMode = "dapo", timeout_s: float = 2.0
 ) -> Verdict:
     """Score one response against its ground truth; see the module doc for the modes.
 
@@ -300,4 +298,4 @@ def verify(
         return verify_boxed(response, ground_truth)
     if mode == "math_verify":
         return verify_math_verify(response, ground_truth, timeout_s)
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    raise ValueError(f"mode must be one of {REWARD_MODES}, got {mode!r}")

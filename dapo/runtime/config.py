@@ -5,7 +5,9 @@ Two kinds of settings:
 - the **run spec** (``proto.runspec.RunSpec``): the algorithm, loaded from a
   YAML file in ``configs/``, then environment overrides
   (``DAPO_SPEC__ACTOR__CLIP_RATIO_HIGH=0.3``), then command-line overrides
-  (``actor.clip_ratio_high=0.3``, as in verl/Hydra);
+  (``actor.clip_ratio_high=0.3``, as in verl/Hydra). A file may start from
+  another with ``extends: <path>`` and state only what it changes, so a
+  variant of a recipe reads as its difference (see ``load_config_tree``);
 - **service settings** (``ServiceSettings`` subclasses): where a process
   connects and listens, from ``DAPO_*`` environment variables.
 
@@ -27,6 +29,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from proto.runspec import RunSpec
 
 ENV_SPEC_PREFIX = "DAPO_SPEC__"
+EXTENDS_KEY = "extends"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -96,24 +99,73 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
     raise ConfigError(f"config file {str(path)!r} not found (also looked in configs/)")
 
 
+def _read_mapping(file: Path) -> dict:
+    try:
+        loaded = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{file}: top level must be a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
+def _base_path(ref: object, file: Path) -> Path:
+    """Where ``extends: ref`` of ``file`` points: next to ``file`` first, then as ``--config``.
+
+    Looking next to the extending file first keeps a family of configs movable
+    as one folder; the fallback lets any file build on a shipped recipe by name.
+    """
+    if not isinstance(ref, str) or not ref.strip():
+        raise ConfigError(f"{file}: {EXTENDS_KEY} must be a non-empty path string, got {ref!r}")
+    for candidate in (file.parent / ref, file.parent / f"{ref}.yaml"):
+        if candidate.is_file():
+            return candidate
+    try:
+        return resolve_config_path(ref)
+    except ConfigError:
+        raise ConfigError(
+            f"{file}: {EXTENDS_KEY} {ref!r}: base file not found "
+            f"(looked next to {file.name} and in configs/)"
+        ) from None
+
+
+def load_config_tree(path: str | os.PathLike) -> dict:
+    """The raw tree of a config file, with its ``extends`` chain merged in.
+
+    The base is loaded first (it may extend another in turn), then this file's
+    keys are deep-merged over it; the ``extends`` key itself is consumed here,
+    so it never reaches ``RunSpec`` validation. A file that extends itself,
+    directly or through others, is a ``ConfigError`` naming the whole chain.
+    """
+    return _load_tree(resolve_config_path(path), ())
+
+
+def _load_tree(file: Path, chain: tuple[Path, ...]) -> dict:
+    key = file.resolve()
+    if key in chain:
+        cycle = " -> ".join(str(p) for p in (*chain[chain.index(key) :], key))
+        raise ConfigError(f"{EXTENDS_KEY} cycle: {cycle}")
+    tree = _read_mapping(file)
+    if EXTENDS_KEY not in tree:
+        return tree
+    base_file = _base_path(tree.pop(EXTENDS_KEY), file)
+    return deep_merge(_load_tree(base_file, (*chain, key)), tree)
+
+
 def load_run_spec(
     path: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
     environ: Mapping[str, str] | None = None,
 ) -> RunSpec:
-    """YAML file (or defaults) + environment + command-line overrides -> validated RunSpec."""
+    """YAML file (and what it extends) or defaults + environment + command-line overrides.
+
+    Returns the validated RunSpec.
+    """
     tree: dict = {}
     source = "defaults"
     if path is not None:
-        file = resolve_config_path(path)
-        source = str(file)
-        try:
-            loaded = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{file}: not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{file}: top level must be a mapping, got {type(loaded).__name__}")
-        tree = loaded
+        source = str(resolve_config_path(path))
+        tree = load_config_tree(path)
     tree = deep_merge(tree, env_overrides(os.environ if environ is None else environ))
     tree = deep_merge(tree, parse_overrides(overrides))
     return validate_run_spec(tree, source)

@@ -1,4 +1,11 @@
-"""Runs in Redis: the spec, the lifecycle state, and the registry of live services."""
+"""The run store: every run's spec, lifecycle record, latest step report and account, plus
+the registry of live service processes.
+
+``RunStore`` keeps them in Redis under ``proto.keys``; ``MemoryRunStore`` keeps them in a
+dict for fast tests of service loops. Both follow the one lifecycle table of
+``proto.lifecycle``: users move a run with ``act`` (start, stop, pause, resume), services
+end it with ``finish``; a final state is never left.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +14,19 @@ import os
 import secrets
 import socket
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import redis
 
-from proto.keys import RUNS_INDEX, check_run_id, run_key
-from proto.messages import RunState, RunStatus
+from proto.keys import RUNS_INDEX, SERVICES_PREFIX, RunKeys, check_run_id
+from proto.lifecycle import ACTIONS, ACTIVE, ENDINGS, RunStatus
 from proto.runspec import RunSpec
+from proto.state import RunState, StepReport, account_from_counters
 
-ACTIVE: frozenset[str] = frozenset({"pending", "running", "paused", "stopping"})
-FINAL: frozenset[str] = frozenset({"stopped", "completed", "failed"})
-SERVICES_PREFIX = "dapo:services:"
+Change = Callable[[RunState], dict | None]
+"""Given the current state, the fields to update (None: leave it as is)."""
 
 
 class RunNotFound(KeyError):
@@ -32,84 +41,79 @@ def new_run_id(spec: RunSpec) -> str:
     return f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-@dataclass
-class RunStore:
-    client: redis.Redis
+def _action(run_id: str, action: str) -> Change:
+    allowed, target = ACTIONS[action]
 
-    def create(self, spec: RunSpec, run_id: str | None = None) -> RunState:
-        run_id = check_run_id(run_id or new_run_id(spec))
-        state = RunState(run_id=run_id)
-        if not self.client.set(run_key(run_id, "spec"), spec.model_dump_json(), nx=True):
-            raise ValueError(f"run {run_id} already exists")
-        self._write_state(state)
-        self.client.zadd(RUNS_INDEX, {run_id: state.created_at})
-        return state
+    def change(state: RunState) -> dict | None:
+        if state.status == target:
+            return None  # asking for the state the run is in: a no-op
+        if state.status not in allowed:
+            raise InvalidTransition(
+                f"run {run_id} is {state.status}: cannot {action} it "
+                f"(only from {', '.join(sorted(allowed))})"
+            )
+        return {"status": target}
 
-    def _write_state(self, state: RunState) -> None:
-        self.client.set(run_key(state.run_id, "state"), state.model_dump_json())
+    return change
 
-    def spec(self, run_id: str) -> RunSpec:
-        raw = self.client.get(run_key(run_id, "spec"))
-        if raw is None:
-            raise RunNotFound(run_id)
-        return RunSpec.model_validate_json(raw)
 
-    def state(self, run_id: str) -> RunState:
-        raw = self.client.get(run_key(run_id, "state"))
-        if raw is None:
-            raise RunNotFound(run_id)
-        return RunState.model_validate_json(raw)
+def _ending(status: RunStatus, error: str | None, final_checkpoint: str | None) -> Change:
+    def change(state: RunState) -> dict | None:
+        fields: dict = {}
+        if final_checkpoint is not None:
+            fields["final_checkpoint"] = final_checkpoint
+        if state.status in ENDINGS[status]:
+            fields["status"] = status
+            if error is not None:
+                fields["error"] = error[:4000]
+        return fields or None  # already final: the first ending stands
 
-    def _compare_and_set(self, run_id: str, change) -> RunState:
-        """Read-modify-write of the state under WATCH, so concurrent writers do not clobber.
+    return change
 
-        ``change(state)`` returns the fields to update, or None to leave the state as is.
-        """
-        key = run_key(run_id, "state")
-        with self.client.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    raw = pipe.get(key)
-                    if raw is None:
-                        raise RunNotFound(run_id)
-                    state = RunState.model_validate_json(raw)
-                    fields = change(state)
-                    if fields is None:
-                        return state
-                    new = RunState.model_validate(
-                        {**state.model_dump(), **fields, "updated_at": time.time()}
-                    )
-                    pipe.multi()
-                    pipe.set(key, new.model_dump_json())
-                    pipe.execute()
-                    return new
-                except redis.WatchError:
-                    continue
+
+class Runs(Protocol):
+    """What services need of the run store."""
+
+    def spec(self, run_id: str) -> RunSpec: ...
+    def state(self, run_id: str) -> RunState: ...
+    def update(self, run_id: str, **fields) -> RunState: ...
+    def finish(
+        self,
+        run_id: str,
+        status: RunStatus,
+        error: str | None = None,
+        final_checkpoint: str | None = None,
+    ) -> RunState: ...
+    def report_step(self, run_id: str, report: StepReport) -> None: ...
+
+
+class _Lifecycle:
+    """The moves shared by both stores, written once over ``_compare_and_set``."""
+
+    def _compare_and_set(self, run_id: str, change: Change) -> RunState:
+        raise NotImplementedError
 
     def update(self, run_id: str, **fields) -> RunState:
         return self._compare_and_set(run_id, lambda _: fields)
 
-    def transition(self, run_id: str, allowed: frozenset[str], target: RunStatus) -> RunState:
-        """Set the status to ``target`` only from one of ``allowed`` (a no-op if already there)."""
+    def act(self, run_id: str, action: str) -> RunState:
+        """A user's move (``proto.lifecycle.ACTIONS``); InvalidTransition when not allowed."""
+        return self._compare_and_set(run_id, _action(run_id, action))
 
-        def change(state: RunState):
-            if state.status == target:
-                return None
-            if state.status not in allowed:
-                raise InvalidTransition(
-                    f"run {run_id} is {state.status}: cannot set it {target} "
-                    f"(only from {', '.join(sorted(allowed))})"
-                )
-            return {"status": target}
-
-        return self._compare_and_set(run_id, change)
+    def finish(
+        self,
+        run_id: str,
+        status: RunStatus,
+        error: str | None = None,
+        final_checkpoint: str | None = None,
+    ) -> RunState:
+        """A service ends the run (completed, stopped or failed, with why); a run that has
+        already ended keeps its first ending."""
+        return self._compare_and_set(run_id, _ending(status, error, final_checkpoint))
 
     def set_status(self, run_id: str, status: RunStatus, error: str | None = None) -> RunState:
-        fields: dict = {"status": status}
-        if error is not None:
-            fields["error"] = error
-        return self.update(run_id, **fields)
+        """Set the status unconditionally (set-up and tests; services use ``finish``)."""
+        return self.update(run_id, status=status, **({"error": error} if error else {}))
 
     def record_restart(self, run_id: str, worker_id: str) -> RunState:
         """Count one restart of ``worker_id`` in the run's state."""
@@ -120,6 +124,79 @@ class RunStore:
         return self._compare_and_set(run_id, change)
 
     def list(self) -> list[RunState]:
+        raise NotImplementedError
+
+    def active(self) -> list[RunState]:
+        return [s for s in self.list() if s.status in ACTIVE]
+
+
+def _apply(state: RunState, change: Change) -> RunState | None:
+    fields = change(state)
+    if fields is None:
+        return None
+    return RunState.model_validate({**state.model_dump(), **fields, "updated_at": time.time()})
+
+
+@dataclass
+class RunStore(_Lifecycle):
+    """The run store in Redis."""
+
+    client: redis.Redis
+
+    def create(self, spec: RunSpec, run_id: str | None = None) -> RunState:
+        keys = RunKeys(run_id or new_run_id(spec))
+        state = RunState(run_id=keys.run_id)
+        if not self.client.set(keys.spec, spec.model_dump_json(), nx=True):
+            raise ValueError(f"run {keys.run_id} already exists")
+        self.client.set(keys.state, state.model_dump_json())
+        self.client.zadd(RUNS_INDEX, {keys.run_id: state.created_at})
+        return state
+
+    def spec(self, run_id: str) -> RunSpec:
+        raw = self.client.get(RunKeys(run_id).spec)
+        if raw is None:
+            raise RunNotFound(run_id)
+        return RunSpec.model_validate_json(raw)
+
+    def state(self, run_id: str) -> RunState:
+        raw = self.client.get(RunKeys(run_id).state)
+        if raw is None:
+            raise RunNotFound(run_id)
+        return RunState.model_validate_json(raw)
+
+    def _compare_and_set(self, run_id: str, change: Change) -> RunState:
+        """Read-modify-write under WATCH, so concurrent writers do not clobber each other."""
+        key = RunKeys(run_id).state
+        with self.client.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        raise RunNotFound(run_id)
+                    state = RunState.model_validate_json(raw)
+                    new = _apply(state, change)
+                    if new is None:
+                        return state
+                    pipe.multi()
+                    pipe.set(key, new.model_dump_json())
+                    pipe.execute()
+                    return new
+                except redis.WatchError:
+                    continue
+
+    def report_step(self, run_id: str, report: StepReport) -> None:
+        self.client.set(RunKeys(run_id).report, report.model_dump_json())
+
+    def latest_report(self, run_id: str) -> StepReport | None:
+        raw = self.client.get(RunKeys(run_id).report)
+        return StepReport.model_validate_json(raw) if raw else None
+
+    def account(self, run_id: str) -> dict[str, int]:
+        """The sampler's account of the run's prompts (``proto.state.ACCOUNT_FIELDS``)."""
+        return account_from_counters(self.client.hgetall(RunKeys(run_id).account))
+
+    def list(self) -> list[RunState]:
         out = []
         for rid in self.client.zrange(RUNS_INDEX, 0, -1):
             try:
@@ -128,8 +205,43 @@ class RunStore:
                 continue
         return out
 
-    def active(self) -> list[RunState]:
-        return [s for s in self.list() if s.status in ACTIVE]
+
+@dataclass
+class MemoryRunStore(_Lifecycle):
+    """The run store in a dict: the same lifecycle rules, for tests of service loops."""
+
+    specs: dict[str, RunSpec] = field(default_factory=dict)
+    states: dict[str, RunState] = field(default_factory=dict)
+    reports: dict[str, StepReport] = field(default_factory=dict)
+
+    def create(self, spec: RunSpec, run_id: str | None = None) -> RunState:
+        run_id = check_run_id(run_id or new_run_id(spec))
+        if run_id in self.specs:
+            raise ValueError(f"run {run_id} already exists")
+        self.specs[run_id], self.states[run_id] = spec, RunState(run_id=run_id)
+        return self.states[run_id]
+
+    def spec(self, run_id: str) -> RunSpec:
+        if run_id not in self.specs:
+            raise RunNotFound(run_id)
+        return self.specs[run_id]
+
+    def state(self, run_id: str) -> RunState:
+        if run_id not in self.states:
+            raise RunNotFound(run_id)
+        return self.states[run_id]
+
+    def _compare_and_set(self, run_id: str, change: Change) -> RunState:
+        new = _apply(self.state(run_id), change)
+        if new is not None:
+            self.states[run_id] = new
+        return self.states[run_id]
+
+    def report_step(self, run_id: str, report: StepReport) -> None:
+        self.reports[run_id] = report
+
+    def list(self) -> list[RunState]:
+        return sorted(self.states.values(), key=lambda s: s.created_at)
 
 
 def default_worker_id(kind: str) -> str:

@@ -1,9 +1,14 @@
-"""The thin shell every service process runs in.
+"""The thin shell every service process runs in, and what a service loop sees of it.
 
-``ServiceRuntime`` connects to Redis, serves /healthz, /readyz and /metrics,
-keeps a heartbeat in the service registry, turns SIGTERM/SIGINT into a
-graceful stop, finds the run to serve, and hands the service an injected
-``Bus``. A service's ``run(settings)`` is then only its own loop.
+``ServiceContext`` is a loop's whole world: its run (id and spec), its worker id,
+the injected ``Bus`` and run store, its metrics registry and the lifecycle
+questions (stop? drain? paused?). Tests build one over ``MemoryBus`` and
+``MemoryRunStore``.
+
+``ServiceRuntime`` builds the real one: it connects to Redis, serves /healthz,
+/readyz and /metrics, keeps a heartbeat in the service registry, turns
+SIGTERM/SIGINT into a graceful stop and finds the run to serve. A service's
+``main`` is then: settings, runtime, the things only it owns, its loop.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from dapo.runtime.config import ServiceSettings
 from dapo.runtime.health import HealthServer
-from dapo.runtime.runs import FINAL, RunNotFound, RunStore, default_worker_id, register_service
-from dapo.transport.bus import BusSettings, RedisBus, connect
-from proto.messages import RunState
+from dapo.runtime.runs import RunNotFound, Runs, RunStore, default_worker_id, register_service
+from dapo.transport.bus import Bus, BusSettings
+from dapo.transport.redis_bus import RedisBus, connect
+from proto.lifecycle import FINAL
 from proto.runspec import RunSpec
+from proto.state import RunState
 
 log = logging.getLogger(__name__)
 
@@ -49,87 +56,22 @@ def wait_for_redis(client: redis.Redis, timeout_s: float = 60.0) -> None:
 
 
 @dataclass
-class ServiceRuntime:
+class ServiceContext:
+    """What a service loop needs: its run, its channels, its lifecycle."""
+
     kind: str
-    settings: ServiceSettings
-    bus_settings: BusSettings = field(default_factory=BusSettings)
-    client: redis.Redis = field(init=False)
-    registry: CollectorRegistry = field(init=False)
-    store: RunStore = field(init=False)
-    run_id: str = field(init=False, default="")
-    spec: RunSpec = field(init=False)
-    bus: RedisBus = field(init=False)
-    worker_id: str = field(init=False)
-    stop_event: threading.Event = field(init=False, default_factory=threading.Event)
+    run_id: str
+    spec: RunSpec
+    worker_id: str
+    bus: Bus
+    store: Runs
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    stop_event: threading.Event = field(default_factory=threading.Event)
     _state: RunState | None = field(init=False, default=None)
     _state_at: float = field(init=False, default=0.0)
 
-    def __enter__(self) -> ServiceRuntime:
-        setup_logging(self.kind, self.settings.log_level)
-        self.worker_id = self.settings.worker_id or default_worker_id(self.kind)
-        self.client = connect(self.settings.redis_url)
-        self.registry = CollectorRegistry()
-        self.health = HealthServer(
-            self.registry, self._ready, self.settings.health_host, self.settings.health_port
-        ).start()
-        Gauge("dapo_up", "1 while the service runs", ["service"], registry=self.registry).labels(
-            self.kind
-        ).set(1)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop_event.set())
-        wait_for_redis(self.client)
-        self.store = RunStore(self.client)
-        self._heartbeat = threading.Thread(target=self._beat, daemon=True)
-        self._heartbeat.start()
-        self.run_id = self.settings.run_id or self._wait_for_run()
-        self.spec = self.store.spec(self.run_id)
-        self.bus = RedisBus(self.client, self.run_id, self.bus_settings)
-        log.info(
-            "%s %s serving run %s (health :%d)",
-            self.kind,
-            self.worker_id,
-            self.run_id,
-            self.health.port,
-        )
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop_event.set()
-        self.health.stop()
-
-    def _ready(self) -> tuple[bool, str]:
-        try:
-            self.client.ping()
-        except redis.RedisError as exc:
-            return False, f"redis unreachable: {exc}"
-        if not self.run_id:
-            return False, "waiting for a run"
-        return True, "ready"
-
-    def _beat(self) -> None:
-        while not self.stop_event.is_set():
-            try:
-                register_service(
-                    self.client,
-                    self.kind,
-                    self.worker_id,
-                    {"health_port": self.health.port, "run_id": self.run_id},
-                )
-            except redis.RedisError as exc:
-                log.warning("heartbeat failed: %s", exc)
-            self.stop_event.wait(5.0)
-
-    def _wait_for_run(self) -> str:
-        log.info("no DAPO_RUN_ID given: waiting for an active run")
-        while not self.stop_event.is_set():
-            active = self.store.active()
-            if active:
-                return active[-1].run_id
-            self.stop_event.wait(1.0)
-        raise SystemExit(0)
-
-    # -- run state the loops consult -----------------------------------------
     def state(self, max_age_s: float = 0.5) -> RunState:
+        """The run's lifecycle record, re-read at most every ``max_age_s`` seconds."""
         now = time.monotonic()
         if self._state is None or now - self._state_at > max_age_s:
             try:
@@ -153,3 +95,93 @@ class ServiceRuntime:
 
     def idle(self, seconds: float) -> None:
         self.stop_event.wait(seconds)
+
+    def fail(self, error: str) -> None:
+        """The run cannot go on because of this service: say why where the user looks."""
+        log.error("%s", error)
+        self.store.finish(self.run_id, "failed", error=f"{self.kind} {self.worker_id}: {error}")
+
+
+@dataclass
+class ServiceRuntime:
+    """``with ServiceRuntime(kind, settings) as rt``: ``rt.ctx`` for the loop, ``rt.client``
+    for what only a process owns (the weight-sync rendezvous)."""
+
+    kind: str
+    settings: ServiceSettings
+    bus_settings: BusSettings = field(default_factory=BusSettings)
+    client: redis.Redis = field(init=False)
+    ctx: ServiceContext = field(init=False)
+    _run_id: str = field(init=False, default="")
+    _stop: threading.Event = field(init=False, default_factory=threading.Event)
+
+    def __enter__(self) -> ServiceRuntime:
+        setup_logging(self.kind, self.settings.log_level)
+        worker_id = self.settings.worker_id or default_worker_id(self.kind)
+        self.client = connect(self.settings.redis_url)
+        registry = CollectorRegistry()
+        self.health = HealthServer(
+            registry, self._ready, self.settings.health_host, self.settings.health_port
+        ).start()
+        Gauge("dapo_up", "1 while the service runs", ["service"], registry=registry).labels(
+            self.kind
+        ).set(1)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop.set())
+        wait_for_redis(self.client)
+        store = RunStore(self.client)
+        threading.Thread(target=self._beat, args=(worker_id,), daemon=True).start()
+        self._run_id = self.settings.run_id or self._wait_for_run(store)
+        self.ctx = ServiceContext(
+            self.kind,
+            self._run_id,
+            store.spec(self._run_id),
+            worker_id,
+            RedisBus(self.client, self._run_id, self.bus_settings),
+            store,
+            registry,
+            self._stop,
+        )
+        log.info(
+            "%s %s serving run %s (health :%d)",
+            self.kind,
+            worker_id,
+            self._run_id,
+            self.health.port,
+        )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.health.stop()
+
+    def _ready(self) -> tuple[bool, str]:
+        try:
+            self.client.ping()
+        except redis.RedisError as exc:
+            return False, f"redis unreachable: {exc}"
+        if not self._run_id:
+            return False, "waiting for a run"
+        return True, "ready"
+
+    def _beat(self, worker_id: str) -> None:
+        while not self._stop.is_set():
+            try:
+                register_service(
+                    self.client,
+                    self.kind,
+                    worker_id,
+                    {"health_port": self.health.port, "run_id": self._run_id},
+                )
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+            self._stop.wait(5.0)
+
+    def _wait_for_run(self, store: RunStore) -> str:
+        log.info("no DAPO_RUN_ID given: waiting for an active run")
+        while not self._stop.is_set():
+            active = store.active()
+            if active:
+                return active[-1].run_id
+            self._stop.wait(1.0)
+        raise SystemExit(0)

@@ -1,49 +1,52 @@
-"""The message bus: typed, lossless, at-least-once streams over Redis.
+"""The message bus: typed, lossless, at-least-once streams between services.
 
-Services get a ``Bus`` injected and never touch Redis streams directly.
+Services get a ``Bus`` injected and never touch a stream directly. Two
+implementations keep the same contract: ``RedisBus`` (``dapo.transport.redis_bus``,
+what every deployment runs) and ``MemoryBus`` (``dapo.transport.memory_bus``, one
+process, for fast tests of the service loops).
 
-Guarantees of ``RedisBus``:
+The contract:
 
-- **Namespacing**: stream ``prompts`` of run ``r1`` is ``dapo:{r1}:prompts``.
-- **Consumer groups**: ``consume`` reads with XREADGROUP (blocking, batched);
-  a consumer first re-reads its own pending entries (a restart with the same
+- **Namespacing**: stream ``prompts`` of run ``r1`` is ``dapo:{r1}:prompts``;
+  counters live in per-run hashes (``stats``: dead letters; ``account``: the
+  sampler's account).
+- **Consumer groups**: ``consume`` hands out decoded deliveries of a group; a
+  consumer first re-reads its own pending entries (a restart under the same
   name), and every ``claim_interval_s`` takes over entries another consumer
-  left pending for more than ``claim_idle_ms`` (XAUTOCLAIM: a crashed
-  consumer's work is not lost).
-- **Ack after downstream**: ``commit``/``publish_and_ack`` add the result
-  downstream, acknowledge the source entries and bump counters in one
-  MULTI/EXEC transaction, so a crash leaves either all of it or none.
-- **Idempotency**: publishing with a ``dedupe_key`` records the key (with a
-  TTL) in the same transaction, which WATCHes it: a redelivered message
-  republished with the same key adds nothing downstream and counts nothing
-  twice, even when two consumers race on it.
+  left pending for more than ``claim_idle_ms`` (a crashed consumer's work is
+  not lost).
+- **Ack after downstream**: ``commit`` adds a result downstream, acknowledges
+  its source entries and bumps counters as one atomic step, so a crash leaves
+  either all of it or none.
+- **Idempotency**: a publish with a ``dedupe_key`` happens once per key: a
+  redelivered message republished with the same key adds nothing downstream
+  and counts nothing twice, even when two consumers race on it.
 - **Dead letters**: an entry that fails to decode (bad fields, unknown schema
   version, invalid message) or that was delivered more than
   ``max_deliveries`` times goes to ``dapo:{run}:dead`` with its original
-  fields and the reason, is acknowledged, and is counted in
-  ``dapo:{run}:stats``; the consumer carries on.
-- **Bounded streams**: every ``trim_every`` publishes the stream is trimmed
-  (XTRIM MINID) below the oldest entry some group still needs, i.e. only
-  acknowledged entries go; ``maxlen`` is a hard safety cap on top.
+  fields and the reason, is acknowledged, and is counted; the consumer
+  carries on with the other entries of the same read.
+- **Broadcast streams** (``versions``): ``read`` follows a stream without a
+  group, every reader sees every entry; an entry it cannot decode is copied
+  to the dead letters (once per reader) and skipped.
+- **Bounded streams**: entries every group has acknowledged are trimmed;
+  ``maxlen`` is a hard cap on top.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-import redis
 from pydantic import BaseModel, Field
 
-from proto.codec import DecodeError, decode, encode
-from proto.keys import check_run_id, run_key
-from proto.messages import STREAM_MESSAGES, Message
+from proto.messages import Message
 
-log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
+
+STATS = "stats"
+"""Counter hash of the bus itself: ``dead.<stream>`` per source stream."""
 
 
 class BusSettings(BaseModel):
@@ -77,159 +80,17 @@ class GroupLag:
     pending: int
     """Delivered but not acknowledged."""
     lag: int
-    """Entries not yet delivered to the group (-1 when Redis cannot tell)."""
+    """Entries not yet delivered to the group (-1 when the backend cannot tell)."""
 
 
 class Bus(Protocol):
-    """What services depend on: typed publish, consume, atomic commit, lag."""
+    """What services depend on (see the module docstring for the guarantees)."""
 
     run_id: str
 
-    def publish(
-        self, stream: str, msg: Message, *, dedupe_key: str | None = None
-    ) -> str | None: ...
-
-    def consume(
-        self,
-        stream: str,
-        group: str,
-        consumer: str,
-        *,
-        count: int = 16,
-        block_ms: int = 1000,
-        expected: type[M] | None = None,
-        reclaim: bool = True,
-    ) -> list[Delivery]: ...
-
-    def ack(self, delivery: Delivery) -> None: ...
-
-    def commit(
-        self,
-        *,
-        stream: str | None = None,
-        msg: Message | None = None,
-        dedupe_key: str | None = None,
-        ack: Sequence[Delivery] = (),
-        counters: Mapping[str, int] | None = None,
-        counters_key: str | None = None,
-    ) -> str | None: ...
-
-    def publish_and_ack(
-        self, stream: str, msg: Message, delivery: Delivery, *, dedupe_key: str | None = None
-    ) -> str | None: ...
-
-    def nack(self, delivery: Delivery, reason: str) -> None: ...
-
-    def lag(self, stream: str) -> dict[str, GroupLag]: ...
-
-
-@dataclass
-class _ConsumerState:
-    own_drained: bool = False
-    last_claim: float = 0.0
-
-
-@dataclass
-class RedisBus:
-    """``Bus`` over Redis streams (see the module docstring for the guarantees)."""
-
-    client: redis.Redis
-    run_id: str
-    settings: BusSettings = field(default_factory=BusSettings)
-    _groups: set = field(default_factory=set, init=False, repr=False)
-    _consumers: dict = field(default_factory=dict, init=False, repr=False)
-    _published: dict = field(default_factory=dict, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        check_run_id(self.run_id)
-
-    # -- names -------------------------------------------------------------
-    def key(self, stream: str) -> str:
-        return run_key(self.run_id, stream)
-
-    @property
-    def dead_key(self) -> str:
-        return run_key(self.run_id, "dead")
-
-    @property
-    def stats_key(self) -> str:
-        return run_key(self.run_id, "stats")
-
-    def _dedupe(self, stream: str, dedupe_key: str | None) -> str:
-        return "" if dedupe_key is None else run_key(self.run_id, "seen", stream, dedupe_key)
-
-    # -- publish -------------------------------------------------------------
-    def _queue(self, pipe, fresh: bool, stream, msg, dedupe, ack, counters, counters_key):
-        """Queue one commit's commands on a MULTI pipeline (``fresh``: key not seen before)."""
-        if msg is not None and fresh:
-            if dedupe:
-                pipe.set(dedupe, 1, ex=self.settings.dedupe_ttl_s)
-            pipe.xadd(self.key(stream), encode(msg), maxlen=self.settings.maxlen, approximate=True)
-        if ack:
-            pipe.xack(self.key(ack[0].stream), ack[0].group, *(d.entry_id for d in ack))
-        if fresh:
-            for name, delta in (counters or {}).items():
-                pipe.hincrby(counters_key or self.stats_key, name, int(delta))
-
-    def _transaction(self, items: list[tuple]) -> list[str | None]:
-        """Run commits ``(stream, msg, dedupe_key, ack, counters, counters_key)`` as one
-        MULTI/EXEC. Idempotency keys are WATCHed: a concurrent publisher of the same key
-        makes EXEC fail, and the retry then sees the key and publishes nothing."""
-        for _, _, _, ack, _, _ in items:
-            if ack and len({(d.stream, d.group) for d in ack}) != 1:
-                raise ValueError("a commit acknowledges entries of one stream and group")
-        dedupes = [
-            self._dedupe(st, k) if m is not None and k is not None else ""
-            for st, m, k, _, _, _ in items
-        ]
-        watched = [d for d in dedupes if d]
-        with self.client.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    seen = set()
-                    if watched:
-                        pipe.watch(*watched)
-                        # immediate mode between WATCH and MULTI: one round trip for all keys
-                        hits = pipe.mget(watched)
-                        seen = {d for d, hit in zip(watched, hits, strict=True) if hit}
-                    pipe.multi()
-                    marks = []
-                    for (st, m, _, ack, cnt, ckey), d in zip(items, dedupes, strict=True):
-                        fresh = not (d and d in seen)
-                        before = len(pipe.command_stack)
-                        self._queue(pipe, fresh, st, m, d, ack, cnt, ckey)
-                        xadd_at = before + (1 if d else 0) if m is not None and fresh else None
-                        marks.append(xadd_at)
-                    results = pipe.execute()
-                    break
-                except redis.WatchError:
-                    continue
-        out = []
-        for (st, *_), at in zip(items, marks, strict=True):
-            out.append(_s(results[at]) if at is not None else None)
-            if at is not None:
-                self._maybe_trim(st)
-        return out
-
-    def commit(
-        self,
-        *,
-        stream: str | None = None,
-        msg: Message | None = None,
-        dedupe_key: str | None = None,
-        ack: Sequence[Delivery] = (),
-        counters: Mapping[str, int] | None = None,
-        counters_key: str | None = None,
-    ) -> str | None:
-        """Atomically: publish ``msg`` (once per ``dedupe_key``), ack ``ack``, bump ``counters``.
-
-        With a dedupe key seen before, nothing is published and the counters are
-        not bumped (the first delivery did that) but the acks still happen.
-        Returns the new entry id, or None when nothing was published.
-        """
-        if msg is not None and not stream:
-            raise ValueError("commit: a message needs a stream")
-        return self._transaction([(stream, msg, dedupe_key, list(ack), counters, counters_key)])[0]
+    def publish(self, stream: str, msg: Message, *, dedupe_key: str | None = None) -> str | None:
+        """Append ``msg``; its entry id, or None if ``dedupe_key`` was seen before."""
+        ...
 
     def publish_many(
         self,
@@ -238,52 +99,23 @@ class RedisBus:
         dedupe_keys: Sequence[str | None] | None = None,
         acks: Sequence[Delivery | None] | None = None,
     ) -> list[str | None]:
-        """Several publish(+ack) commits in one round trip, all in one transaction."""
-        dedupe_keys = dedupe_keys or [None] * len(msgs)
-        acks = acks or [None] * len(msgs)
-        items = [
-            (stream, m, k, [d] if d is not None else [], None, None)
-            for m, k, d in zip(msgs, dedupe_keys, acks, strict=True)
-        ]
-        return self._transaction(items) if items else []
+        """Several publish(+ack) commits as one atomic step."""
+        ...
 
-    def ack_many(self, deliveries: Sequence[Delivery]) -> None:
-        by_source: dict[tuple[str, str], list[str]] = {}
-        for d in deliveries:
-            by_source.setdefault((d.stream, d.group), []).append(d.entry_id)
-        for (stream, group), ids in by_source.items():
-            self.client.xack(self.key(stream), group, *ids)
-
-    def publish(self, stream: str, msg: Message, *, dedupe_key: str | None = None) -> str | None:
-        """Append ``msg``; returns its entry id, or None if ``dedupe_key`` was seen before."""
-        return self.commit(stream=stream, msg=msg, dedupe_key=dedupe_key)
-
-    def publish_and_ack(
-        self, stream: str, msg: Message, delivery: Delivery, *, dedupe_key: str | None = None
+    def commit(
+        self,
+        *,
+        stream: str | None = None,
+        msg: Message | None = None,
+        dedupe_key: str | None = None,
+        ack: Sequence[Delivery] = (),
+        counters: Mapping[str, int] | None = None,
+        counter: str = STATS,
     ) -> str | None:
-        """Publish the result of ``delivery`` downstream and acknowledge it, atomically."""
-        return self.commit(stream=stream, msg=msg, dedupe_key=dedupe_key, ack=[delivery])
-
-    def ack(self, delivery: Delivery) -> None:
-        self.client.xack(self.key(delivery.stream), delivery.group, delivery.entry_id)
-
-    def nack(self, delivery: Delivery, reason: str) -> None:
-        """Processing failed: keep the entry pending for redelivery (dead-lettered after N)."""
-        self.client.hset(run_key(self.run_id, "last_error"), delivery.entry_id, reason[:2000])
-        for (stream, group, _), state in self._consumers.items():
-            if stream == delivery.stream and group == delivery.group:
-                state.own_drained = False
-
-    # -- consume -------------------------------------------------------------
-    def ensure_group(self, stream: str, group: str) -> None:
-        if (stream, group) in self._groups:
-            return
-        try:
-            self.client.xgroup_create(self.key(stream), group, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        self._groups.add((stream, group))
+        """Atomically: publish ``msg`` (once per ``dedupe_key``), ack ``ack``, add ``counters``
+        to the run's counter hash ``counter``. With a dedupe key seen before nothing is
+        published or counted, but the acks still happen."""
+        ...
 
     def consume(
         self,
@@ -296,155 +128,58 @@ class RedisBus:
         expected: type[M] | None = None,
         reclaim: bool = True,
     ) -> list[Delivery[M]]:
-        """Up to ``count`` decoded deliveries: own pending, then reclaimed, then new.
+        """Up to ``count`` deliveries: own pending, then reclaimed, then new. A consumer that
+        holds entries unacknowledged on purpose passes ``reclaim=False``."""
+        ...
 
-        A single consumer that deliberately holds entries unacknowledged (the
-        sampler's surplus, the learner's batches until a checkpoint) passes
-        ``reclaim=False`` so it does not take its own held entries back.
-        """
-        self.ensure_group(stream, group)
-        key = self.key(stream)
-        state = self._consumers.setdefault((stream, group, consumer), _ConsumerState())
-        raw: list = []
-        if not state.own_drained:
-            raw = self._entries(self.client.xreadgroup(group, consumer, {key: "0"}, count=count))
-            state.own_drained = len(raw) < count
-        now = time.monotonic()
-        if reclaim and not raw and now - state.last_claim >= self.settings.claim_interval_s:
-            state.last_claim = now
-            claimed = self.client.xautoclaim(
-                key, group, consumer, self.settings.claim_idle_ms, start_id="0-0", count=count
-            )
-            raw = [e for e in claimed[1] if e[1]]
-            if raw:
-                log.warning("reclaimed %d idle entries of %s/%s", len(raw), stream, group)
-        redelivered = bool(raw)
-        if not raw:
-            raw = self._entries(
-                self.client.xreadgroup(group, consumer, {key: ">"}, count=count, block=block_ms)
-            )
-        counts = self._delivery_counts(key, group, consumer, raw) if redelivered else {}
-        return self._decode_all(stream, group, raw, counts, expected)
+    def ack(self, delivery: Delivery) -> None: ...
 
-    @staticmethod
-    def _entries(resp) -> list:
-        if not resp:
-            return []
-        if isinstance(resp, dict):  # RESP3
-            return [e for entries in resp.values() for e in entries[0] if e[1]]
-        return [e for _, entries in resp for e in entries if e[1]]
+    def ack_many(self, deliveries: Sequence[Delivery]) -> None: ...
 
-    def _delivery_counts(self, key: str, group: str, consumer: str, raw: list) -> dict[bytes, int]:
-        ids = sorted((e[0] for e in raw), key=_id_tuple)
-        rows = self.client.xpending_range(
-            key, group, min=ids[0], max=ids[-1], count=2 * len(ids) + 16, consumername=consumer
-        )
-        return {_b(r["message_id"]): int(r["times_delivered"]) for r in rows}
+    def nack(self, delivery: Delivery, reason: str) -> None:
+        """Processing failed: keep the entry pending for redelivery (dead-lettered after N)."""
+        ...
 
-    def _decode_all(self, stream, group, raw, counts, expected) -> list[Delivery]:
-        cls = expected or STREAM_MESSAGES[stream]
-        out = []
-        for entry_id, fields in raw:
-            deliveries = counts.get(_b(entry_id), 1)
-            if deliveries > self.settings.max_deliveries:
-                last = self.client.hget(run_key(self.run_id, "last_error"), _s(entry_id))
-                reason = f"delivered {deliveries} times (max {self.settings.max_deliveries})"
-                if last:
-                    reason += f"; last error: {_s(last)}"
-                self.dead_letter(stream, group, entry_id, fields, reason)
-                continue
-            try:
-                msg = decode(fields, cls)
-            except DecodeError as exc:
-                self.dead_letter(stream, group, entry_id, fields, str(exc))
-                continue
-            out.append(Delivery(stream, group, _s(entry_id), msg, deliveries))
-        return out
+    def read(self, stream: str, after: str = "0-0") -> tuple[str, list[Message]]:
+        """The decodable entries of a broadcast stream after entry ``after``, and the id to
+        read after next time."""
+        ...
 
-    def dead_letter(self, stream: str, group: str, entry_id, fields: dict, reason: str) -> None:
-        """Move an entry to the dead-letter stream (original fields kept) and ack it."""
-        log.error("dead-lettering %s entry %s: %s", stream, _s(entry_id), reason)
-        record = {
-            "stream": stream,
-            "group": group,
-            "entry_id": _s(entry_id),
-            "reason": reason[:4000],
-        }
-        record.update({f"orig.{_s(k)}": v for k, v in fields.items()})
-        pipe = self.client.pipeline(transaction=True)
-        pipe.xadd(self.dead_key, record, maxlen=self.settings.maxlen, approximate=True)
-        pipe.xack(self.key(stream), group, entry_id)
-        pipe.hincrby(self.stats_key, f"dead.{stream}", 1)
-        pipe.hdel(run_key(self.run_id, "last_error"), _s(entry_id))
-        pipe.execute()
+    def counters(self, counter: str) -> dict[str, int]:
+        """The run's counter hash ``counter``."""
+        ...
 
     def dead_count(self, stream: str | None = None) -> int:
-        if stream is not None:
-            return int(self.client.hget(self.stats_key, f"dead.{stream}") or 0)
-        stats = self.client.hgetall(self.stats_key)
-        return sum(int(v) for k, v in stats.items() if _s(k).startswith("dead."))
+        """Entries dead-lettered from ``stream`` (all streams when None)."""
+        ...
 
-    # -- lag and trimming ------------------------------------------------------
     def lag(self, stream: str) -> dict[str, GroupLag]:
-        """Per consumer group: pending (unacked) and lag (undelivered) entries."""
-        try:
-            groups = self.client.xinfo_groups(self.key(stream))
-        except redis.ResponseError:  # stream does not exist yet
-            return {}
-        return {
-            _s(g["name"]): GroupLag(
-                int(g["pending"]), -1 if g.get("lag") is None else int(g["lag"])
-            )
-            for g in groups
-        }
+        """Per consumer group: pending and undelivered entries."""
+        ...
 
-    def length(self, stream: str) -> int:
-        return int(self.client.xlen(self.key(stream)))
-
-    def _maybe_trim(self, stream: str) -> None:
-        n = self._published.get(stream, 0) + 1
-        self._published[stream] = n
-        if n % self.settings.trim_every == 0:
-            self.trim(stream)
-
-    def trim(self, stream: str) -> int:
-        """Drop entries every consumer group has acknowledged; returns how many went."""
-        key = self.key(stream)
-        try:
-            groups = self.client.xinfo_groups(key)
-        except redis.ResponseError:
-            return 0
-        if not groups:
-            return 0  # nobody consumes yet: everything is still needed
-        floor = None
-        for g in groups:
-            # Other consumers ack concurrently: XINFO's pending count may be stale by the
-            # time XPENDING runs, whose summary is then empty (min None). Entries delivered
-            # after XINFO are pending in that summary, so falling back to the (older)
-            # last-delivered id never drops an entry someone still needs.
-            ms, seq = _id_tuple(g["last-delivered-id"])
-            need = (ms, seq + 1)
-            if int(g["pending"]):
-                oldest = self.client.xpending(key, g["name"]).get("min")
-                if oldest is not None:
-                    need = min(need, _id_tuple(oldest))
-            floor = need if floor is None else min(floor, need)
-        return int(self.client.xtrim(key, minid=f"{floor[0]}-{floor[1]}"))
+    def length(self, stream: str) -> int: ...
 
 
-def _b(x) -> bytes:
-    return x if isinstance(x, bytes) else str(x).encode()
-
-
-def _s(x) -> str:
-    return x.decode() if isinstance(x, bytes) else str(x)
-
-
-def _id_tuple(entry_id) -> tuple[int, int]:
-    ms, _, seq = _s(entry_id).partition("-")
+def id_tuple(entry_id: str | bytes) -> tuple[int, int]:
+    """``"1700000000000-3"`` -> (1700000000000, 3): entry ids order as these tuples."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    ms, _, seq = text.partition("-")
     return int(ms), int(seq or 0)
 
 
-def connect(url: str) -> redis.Redis:
-    """A client for ``url`` with health checks; bytes in, bytes out."""
-    return redis.Redis.from_url(url, health_check_interval=30, socket_keepalive=True)
+def dead_letter_record(
+    stream: str, group: str, entry_id: str, fields: Mapping, reason: str
+) -> dict[str, bytes | str]:
+    """The dead-letter entry of one source entry: where it came from, why, and its original
+    fields under ``orig.<name>``. Field names that are not UTF-8 are kept escaped, so even a
+    hostile entry can be moved aside."""
+    record: dict[str, bytes | str] = {
+        "stream": stream,
+        "group": group,
+        "entry_id": entry_id,
+        "reason": reason[:4000],
+    }
+    for name, value in fields.items():
+        key = name.decode("utf-8", "backslashreplace") if isinstance(name, bytes) else str(name)
+        record[f"orig.{key}"] = value
+    return record

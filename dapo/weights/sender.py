@@ -27,6 +27,7 @@ from dapo.weights.registry import (
     _text,
     live_workers,
     publish_checkpoint,
+    stale_or_mismatched_workers,
 )
 
 KEEP_EXPECTED = 64
@@ -233,6 +234,11 @@ class WeightSender:
     def group(self):
         """The current generation's process group (None between generations)."""
         return self._group
+
+    def disagreeing_workers(self, version: int) -> dict[str, str]:
+        """Live workers not holding ``version`` bit for bit, with why (see
+        ``stale_or_mismatched_workers``)."""
+        return stale_or_mismatched_workers(self.redis, self.run_id, version)
 
     def publish_checkpoint(self, version: int, checkpoint_dir: str) -> None:
         publish_checkpoint(self.redis, self.run_id, version, checkpoint_dir)

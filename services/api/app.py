@@ -5,8 +5,10 @@ Routes (all under bearer-token auth except the probes and /metrics):
 - ``POST /v1/runs``: validate a ``RunSpec``, create the run and set it
   ``running``; 409 while another run is active unless concurrent runs are allowed.
 - ``GET /v1/runs``, ``GET /v1/runs/{run_id}``: states; the detail adds the
-  latest metrics line, the sampler's account and the final checkpoint.
-- ``POST /v1/runs/{run_id}/stop|pause|resume``: compare-and-set transitions;
+  learner's latest step figures and the sampler's account, all read from the
+  run store in Redis (the API mounts no volume and reads no service's files).
+- ``POST /v1/runs/{run_id}/stop|pause|resume``: the moves of
+  ``proto.lifecycle.ACTIONS``, compare-and-set;
   asking for the state the run is already in is a no-op (200), any other
   illegal move is a 409 that says why.
 - ``GET /openapi.json``: the schema, behind the token too (no /docs page).
@@ -18,11 +20,8 @@ Routes (all under bearer-token auth except the probes and /metrics):
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import math
-import os
-import pathlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -46,25 +45,21 @@ from redis.exceptions import LockError
 
 from dapo.runtime.config import load_run_spec
 from dapo.runtime.runs import InvalidTransition, RunNotFound, RunStore, live_services
-from dapo.transport.bus import connect
-from proto.keys import run_key
-from proto.messages import RunState
+from dapo.transport.redis_bus import connect
+from proto.lifecycle import ACTIONS
 from proto.runspec import RunSpec
+from proto.state import RunState
+from proto.vocab import RUN_ID_PATTERN
 from services.api.settings import ApiSettings
 
 log = logging.getLogger(__name__)
 
 START_LOCK = "dapo:api:start-lock"
 """Redis lock serialising 'is a run active? then create one' across API replicas."""
-RUN_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 RunId = Annotated[str, Path(pattern=RUN_ID_PATTERN, description="Run identifier")]
 
-# action -> (statuses it may leave from, status it sets)
-TRANSITIONS: dict[str, tuple[frozenset[str], str]] = {
-    "stop": (frozenset({"pending", "running", "paused"}), "stopping"),
-    "pause": (frozenset({"pending", "running"}), "paused"),
-    "resume": (frozenset({"pending", "paused"}), "running"),
-}
+USER_ACTIONS = ("stop", "pause", "resume")
+"""Routes ``POST /v1/runs/{id}/<action>``; the moves are ``proto.lifecycle.ACTIONS``."""
 
 
 class RunConflict(Exception):
@@ -75,48 +70,10 @@ class RunDetail(RunState):
     """A run's state plus what the services report about it."""
 
     latest_metrics: dict[str, Any] | None = None
-    """Last complete line of the learner's metrics.jsonl (NaN/inf are sent as null)."""
+    """The learner's figures of its latest step (``proto.state.StepReport``; non-finite
+    values are null)."""
     account: dict[str, int] = {}
     """The sampler's prompt account (dispatched, trained, filtered, stale, in flight)."""
-    final_checkpoint: str | None = None
-    """Checkpoint the learner wrote when the run ended, once it has."""
-
-
-def transition(client: redis.Redis, run_id: str, allowed: frozenset[str], target: str) -> RunState:
-    """Compare-and-set of the status: a concurrent writer (the learner finishing the run)
-    makes it re-read instead of overwriting that final state."""
-    return RunStore(client).transition(run_id, allowed, target)
-
-
-def last_json_line(path: pathlib.Path, block: int = 1 << 16, limit: int = 1 << 20) -> dict | None:
-    """The last newline-terminated JSON object of ``path``, reading from the end.
-
-    A line without its newline is still being appended and is skipped; so are
-    lines that do not parse. At most ``limit`` bytes are read.
-    """
-    try:
-        f = path.open("rb")
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return None
-    with f:
-        pos = f.seek(0, os.SEEK_END)
-        buf = b""
-        while pos > 0 and len(buf) < limit:
-            step = min(block, pos)
-            pos -= step
-            f.seek(pos)
-            buf = f.read(step) + buf
-            lines = buf.split(b"\n")[:-1]  # the tail after the last newline is unfinished
-            if pos > 0:
-                lines = lines[1:]  # may start mid-line
-            for line in reversed(lines):
-                try:
-                    value = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(value, dict):
-                    return value
-    return None
 
 
 class ApiMetrics:
@@ -193,24 +150,17 @@ def start_run(store: RunStore, spec: RunSpec, allow_concurrent: bool) -> RunStat
                     "(or enable allow_concurrent_runs)"
                 )
         created = store.create(spec)
-        return store.set_status(created.run_id, "running")
+        return store.act(created.run_id, "start")
 
 
 def run_detail(store: RunStore, run_id: str) -> RunDetail:
+    """Everything the services report about a run, read from the run store alone."""
     state = store.state(run_id)
-    # Imported here: the sampler package pulls numpy and its dataset code, which
-    # the API needs only for this one read.
-    from proto.account import read_account
-
-    spec = store.spec(run_id)
-    # a relative runs_dir resolves against our cwd, as it does for the learner
-    metrics_file = pathlib.Path(spec.trainer.runs_dir) / run_id / "metrics.jsonl"
-    final = store.client.get(run_key(run_id, "final_checkpoint"))
+    report = store.latest_report(run_id)
     return RunDetail(
         **state.model_dump(),
-        latest_metrics=last_json_line(metrics_file),
-        account=read_account(store.client, run_id),
-        final_checkpoint=final.decode() if final else None,
+        latest_metrics=report.figures if report else None,
+        account=store.account(run_id),
     )
 
 
@@ -255,7 +205,7 @@ def add_run_routes(app: FastAPI) -> None:
     def get_run(run_id: RunId, store: Store) -> RunDetail:
         return run_detail(store, run_id)
 
-    for action in TRANSITIONS:
+    for action in USER_ACTIONS:
         add_transition_route(app, action)
 
     # The schema sits behind the token like every control route (no open /docs page).
@@ -265,10 +215,10 @@ def add_run_routes(app: FastAPI) -> None:
 
 
 def add_transition_route(app: FastAPI, action: str) -> None:
-    allowed, target = TRANSITIONS[action]
+    target = ACTIONS[action][1]
 
     def handler(run_id: RunId, store: Store) -> RunState:
-        return transition(store.client, run_id, allowed, target)
+        return store.act(run_id, action)
 
     handler.__name__ = f"{action}_run"
     app.post(

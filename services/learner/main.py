@@ -89,8 +89,9 @@ def run(settings: LearnerSettings) -> None:
         run_sharded(settings)
         return
     with ServiceRuntime("learner", settings) as rt:
-        spec, device = rt.spec, pick_device(settings.device)
-        run_dir = Path(spec.trainer.runs_dir) / rt.run_id
+        ctx = rt.ctx
+        spec, device = ctx.spec, pick_device(settings.device)
+        run_dir = Path(spec.trainer.runs_dir) / ctx.run_id
         run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(spec.data.seed)
         model, ref, ckpt = load_model(spec, settings, run_dir, device)
@@ -110,14 +111,14 @@ def run(settings: LearnerSettings) -> None:
             log.info("resumed from %s: step %d, version %d", ckpt, step, trainer.version)
         sender = WeightSender(
             rt.client,
-            rt.run_id,
+            ctx.run_id,
             list(model.named_parameters()),
             device=device,
             host=settings.sync_host,
             port=settings.sync_port,
         )
         try:
-            serve(rt, trainer, tokenizer, sender, run_dir, step, ckpt, settings)
+            serve(ctx, trainer, tokenizer, sender, run_dir, step, ckpt, settings)
         finally:
             sender.close()
 
@@ -157,8 +158,9 @@ def lead(settings: LearnerSettings, ranks: Ranks) -> None:
     started = False
     try:
         with ServiceRuntime("learner", settings) as rt:
-            spec = rt.spec
-            run_dir = Path(spec.trainer.runs_dir) / rt.run_id
+            ctx = rt.ctx
+            spec = ctx.spec
+            run_dir = Path(spec.trainer.runs_dir) / ctx.run_id
             run_dir.mkdir(parents=True, exist_ok=True)
             ckpt = newest_checkpoint(run_dir / "checkpoints")
             tokenizer = load_tokenizer(spec.model, settings.cache_dir)  # prepares the model dir
@@ -170,7 +172,7 @@ def lead(settings: LearnerSettings, ranks: Ranks) -> None:
                 log.info("resumed from %s: step %d, version %d", ckpt, step, trainer.version)
             sender = WeightSender(
                 rt.client,
-                rt.run_id,
+                ctx.run_id,
                 meta_params(trainer.model),
                 device=ranks.device,
                 host=settings.sync_host,
@@ -179,7 +181,7 @@ def lead(settings: LearnerSettings, ranks: Ranks) -> None:
             )
             try:
                 serve(
-                    rt,
+                    ctx,
                     LeaderTrainer(trainer, ranks),
                     tokenizer,
                     LeaderSender(sender, trainer.model, ranks),

@@ -16,11 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dapo.runtime.service import ServiceRuntime
+from dapo.runtime.service import ServiceContext
 from dapo.transport.bus import Delivery
-from dapo.weights.registry import WeightSyncError, stale_or_mismatched_workers
-from proto.keys import run_key
+from dapo.weights.registry import WeightSyncError
 from proto.messages import TrainingBatch, WeightVersion
+from proto.state import StepReport
 from services.learner.checkpoint import prune_checkpoints, save_checkpoint
 from services.learner.metrics import LearnerMetrics
 from services.learner.trainer import Trainer
@@ -31,7 +31,7 @@ CONSUMER = "learner-0"
 
 @dataclass
 class LearnerLoop:
-    rt: ServiceRuntime
+    rt: ServiceContext
     trainer: Trainer
     tokenizer: object
     sender: object  # dapo.weights.WeightSender
@@ -86,7 +86,7 @@ class LearnerLoop:
         """Workers that did not load the previous broadcast bit for bit (they catch up at this
         one, which carries the full weights); counted and logged, not fatal."""
         if self._last_broadcast is not None:
-            bad = stale_or_mismatched_workers(self.rt.client, self.rt.run_id, self._last_broadcast)
+            bad = self.sender.disagreeing_workers(self._last_broadcast)
             self.metrics.mismatched.set(len(bad))
             for worker, reason in bad.items():
                 log.warning(
@@ -135,6 +135,11 @@ class LearnerLoop:
         else:
             self.rt.store.update(self.rt.run_id, step=self.step)
         self.metrics.observe_step(figures)
+        self.rt.store.report_step(
+            self.rt.run_id,
+            StepReport(step=self.step, batch_id=batch.batch_id, version=self.trainer.version,
+                       time=figures["time"], figures=figures),
+        )  # fmt: skip
         with self.metrics_file.open("a") as f:
             f.write(json.dumps(figures) + "\n")
         log.info(
@@ -164,10 +169,11 @@ class LearnerLoop:
                 self.handle(d)
         if self._ckpt_step != self.step:  # also on SIGTERM: nothing trained is lost
             self.checkpoint()
-        status = self.rt.state(max_age_s=0).status
+        final = str(self.last_ckpt)
         if self.step >= total:
-            self.rt.store.set_status(self.rt.run_id, "completed")
-        elif status == "stopping":
-            self.rt.store.set_status(self.rt.run_id, "stopped")
-        self.rt.client.set(run_key(self.rt.run_id, "final_checkpoint"), str(self.last_ckpt))
+            self.rt.store.finish(self.rt.run_id, "completed", final_checkpoint=final)
+        elif self.rt.state(max_age_s=0).status == "stopping":
+            self.rt.store.finish(self.rt.run_id, "stopped", final_checkpoint=final)
+        else:  # a signal: the run goes on with the next learner
+            self.rt.store.update(self.rt.run_id, final_checkpoint=final)
         log.info("learner done at step %d (version %d)", self.step, self.trainer.version)

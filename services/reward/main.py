@@ -10,7 +10,7 @@ from pydantic import Field
 
 from dapo.data.models import load_tokenizer
 from dapo.runtime.config import ServiceSettings
-from dapo.runtime.service import ServiceRuntime
+from dapo.runtime.service import ServiceContext, ServiceRuntime
 from proto.messages import RolloutGroup
 from services.reward.scoring import score_group, score_texts
 
@@ -47,7 +47,7 @@ def _score_in(pool: Executor | None, texts, gt, mode, timeout_s):
     return pool.submit(score_texts, texts, gt, mode, timeout_s).result()
 
 
-def serve(rt: ServiceRuntime, tokenizer, settings: RewardSettings) -> None:
+def serve(rt: ServiceContext, tokenizer, settings: RewardSettings) -> None:
     spec, metrics = rt.spec, RewardMetrics(rt.registry)
     pool = ProcessPoolExecutor(settings.workers) if settings.workers > 0 else None
     try:
@@ -67,7 +67,7 @@ def serve(rt: ServiceRuntime, tokenizer, settings: RewardSettings) -> None:
                     spec.data.max_response_length,
                     scorer=lambda t, gt, m, to: _score_in(pool, t, gt, m, to),
                 )
-                rt.bus.publish_and_ack("scored", scored, d, dedupe_key=group.group_id)
+                rt.bus.commit(stream="scored", msg=scored, dedupe_key=group.group_id, ack=[d])
                 metrics.seconds.observe(scored.reward_seconds)
                 for s in scored.samples:
                     metrics.samples.labels(str(s.acc).lower()).inc()
@@ -81,7 +81,7 @@ def serve(rt: ServiceRuntime, tokenizer, settings: RewardSettings) -> None:
 
 def run(settings: RewardSettings) -> None:
     with ServiceRuntime("reward", settings) as rt:
-        serve(rt, load_tokenizer(rt.spec.model, settings.cache_dir), settings)
+        serve(rt.ctx, load_tokenizer(rt.ctx.spec.model, settings.cache_dir), settings)
 
 
 def main() -> int:

@@ -31,7 +31,7 @@ class RolloutSettings(ServiceSettings):
 def start_weights(rt: ServiceRuntime, model_dir: Path) -> tuple[Path, int]:
     """Where the engine loads its first weights from, and their version: the base model, or
     the newest checkpoint for a worker joining a run that has moved on."""
-    newest = latest_checkpoint(rt.client, rt.run_id)
+    newest = latest_checkpoint(rt.client, rt.ctx.run_id)
     if newest is None or not Path(newest.checkpoint_dir).is_dir():
         return model_dir, 0
     log.info(
@@ -41,7 +41,7 @@ def start_weights(rt: ServiceRuntime, model_dir: Path) -> tuple[Path, int]:
 
 
 def build_engine(rt: ServiceRuntime, settings: RolloutSettings, device: str):
-    spec = rt.spec
+    spec = rt.ctx.spec
     model_dir = resolve_model_dir(spec.model, settings.cache_dir)
     start_dir, version = start_weights(rt, model_dir)
     if spec.rollout.engine == "vllm":
@@ -63,12 +63,13 @@ def run(settings: RolloutSettings) -> None:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     with ServiceRuntime("rollout", settings) as rt:
+        ctx = rt.ctx
         device = pick_device(settings.device)
         engine, version = build_engine(rt, settings, device)
         receiver = WeightReceiver(
             rt.client,
-            rt.run_id,
-            rt.worker_id,
+            ctx.run_id,
+            ctx.worker_id,
             list(engine.named_parameters()),
             device=device,
             load_fn=engine.load_weights,
@@ -77,10 +78,10 @@ def run(settings: RolloutSettings) -> None:
         receiver.join()
         try:
             RolloutWorker(
-                rt,
+                ctx,
                 engine,
                 receiver,
-                rt.spec.rollout.engine,
+                ctx.spec.rollout.engine,
                 version=version,
                 max_prompts=settings.max_prompts,
             ).serve()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter, Gauge, Histogram
 
 from dapo.engines.base import InferenceEngine, SamplingParams
-from dapo.runtime.service import ServiceRuntime
+from dapo.runtime.service import ServiceContext
 from dapo.transport.bus import Delivery
 from dapo.weights.registry import WeightSyncError
 from proto.messages import PromptTask, RolloutGroup, Sample
@@ -60,7 +60,7 @@ def to_params(task: PromptTask) -> SamplingParams:
 
 @dataclass
 class RolloutWorker:
-    rt: ServiceRuntime
+    rt: ServiceContext
     engine: InferenceEngine
     receiver: object  # dapo.weights.receiver.WeightReceiver
     engine_name: str

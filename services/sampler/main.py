@@ -14,18 +14,25 @@ class SamplerSettings(ServiceSettings):
     """The sampler runs as exactly one replica per run (its consumer name is fixed)."""
 
 
+def prompt_source(spec, cache_dir: str) -> PromptSource:
+    """The run's prompts, every row validated, rendered and tokenised before the first
+    dispatch (a bad row stops the run here, naming it)."""
+    rows = load_default_or_files(
+        spec.data.train_files, cache_dir or None, prompt_key=spec.data.prompt_key
+    )
+    source = PromptSource(rows, load_tokenizer(spec.model, cache_dir), spec.data)
+    source.check_all()
+    return source
+
+
 def run(settings: SamplerSettings) -> None:
     with ServiceRuntime("sampler", settings) as rt:
-        rows = load_default_or_files(
-            rt.spec.data.train_files, settings.cache_dir or None, prompt_key=rt.spec.data.prompt_key
-        )
-        source = PromptSource(rows, load_tokenizer(rt.spec.model, settings.cache_dir), rt.spec.data)
         try:
-            source.check_all()
+            source = prompt_source(rt.ctx.spec, settings.cache_dir)
         except DatasetError as exc:  # the run cannot go on: say why where the user looks
-            rt.store.set_status(rt.run_id, "failed", error=str(exc))
+            rt.ctx.fail(str(exc))
             raise
-        serve(rt, source)
+        serve(rt.ctx, source)
 
 
 def main() -> int:

@@ -18,22 +18,22 @@ import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
 from dapo.data.prompts import PromptSource
-from dapo.runtime.service import ServiceRuntime
+from dapo.runtime.service import ServiceContext
 from dapo.transport.bus import Delivery
-from proto.account import account_key, read_account
-from proto.codec import decode
 from proto.messages import (
     BatchStats,
     PromptTask,
     SamplingSpec,
     ScoredGroup,
     TrainingBatch,
-    WeightVersion,
 )
 from proto.runspec import RunSpec
+from proto.state import account_from_counters
 from services.sampler.batcher import BatchAssembler, check_gen_budget, gen_rounds
 
 log = logging.getLogger(__name__)
+ACCOUNT = "account"
+"""The counter hash of the sampler's account (``proto.state.ACCOUNT_FIELDS``)."""
 
 
 class SamplerMetrics:
@@ -81,7 +81,7 @@ class SamplerMetrics:
 
 @dataclass
 class Sampler:
-    rt: ServiceRuntime
+    rt: ServiceContext
     spec: RunSpec
     source: PromptSource
     metrics: SamplerMetrics
@@ -95,12 +95,8 @@ class Sampler:
         self._assembler = BatchAssembler(self.spec.data.train_batch_size, self.spec.algorithm)
         self._reset_stats()
 
-    @property
-    def account_key(self) -> str:
-        return account_key(self.rt.run_id)
-
     def account(self) -> dict[str, int]:
-        return read_account(self.rt.client, self.rt.run_id)
+        return account_from_counters(self.rt.bus.counters(ACCOUNT))
 
     def _reset_stats(self) -> None:
         self._stats = {
@@ -110,13 +106,10 @@ class Sampler:
     # -- versions ------------------------------------------------------------
     def refresh_versions(self) -> None:
         """Follow the learner's announcements (read without a group: every reader sees all)."""
-        key = self.rt.bus.key("versions")
-        start = "-" if self._versions_cursor == "0-0" else f"({self._versions_cursor}"
-        for entry_id, fields in self.rt.client.xrange(key, min=start):
-            self._versions_cursor = entry_id.decode()
-            v = decode(fields, WeightVersion).version
-            if v > self.published[-1]:
-                self.published.append(v)
+        self._versions_cursor, versions = self.rt.bus.read("versions", self._versions_cursor)
+        for msg in versions:
+            if msg.version > self.published[-1]:
+                self.published.append(msg.version)
 
     # -- dispatch --------------------------------------------------------------
     def dispatch(self) -> int:
@@ -141,7 +134,7 @@ class Sampler:
                 msg=task,
                 dedupe_key=task.group_id,
                 counters={"dispatched": 1, "prompts_since_batch": 1},
-                counters_key=self.account_key,
+                counter=ACCOUNT,
             )
             sent += 1
         self.metrics.dispatched.inc(sent)
@@ -177,13 +170,11 @@ class Sampler:
             self.metrics.version_lag.observe(self.published[-1] - d.message.policy_version)
             self._stats[outcome] += 1
             if outcome != "kept":
-                self.rt.bus.commit(ack=[d], counters={outcome: 1}, counters_key=self.account_key)
+                self.rt.bus.commit(ack=[d], counters={outcome: 1}, counter=ACCOUNT)
         for _, d in self._assembler.expire_stale(self.published):
             self._stats["dropped_stale"] += 1
             self.metrics.groups.labels("dropped_stale").inc()
-            self.rt.bus.commit(
-                ack=[d], counters={"dropped_stale": 1}, counters_key=self.account_key
-            )
+            self.rt.bus.commit(ack=[d], counters={"dropped_stale": 1}, counter=ACCOUNT)
 
     def maybe_publish_batch(self) -> bool:
         acc = self.account()
@@ -207,7 +198,7 @@ class Sampler:
             msg=batch,
             dedupe_key=f"batch-{batch.batch_id}",
             ack=[d for _, d in items],
-            counters_key=self.account_key,
+            counter=ACCOUNT,
             counters={
                 "trained": len(groups),
                 "batches": 1,
@@ -241,7 +232,7 @@ class Sampler:
                 self.metrics.stream_pending.labels(stream, group).set(lag.pending)
 
 
-def serve(rt: ServiceRuntime, source: PromptSource) -> None:
+def serve(rt: ServiceContext, source: PromptSource) -> None:
     sampler = Sampler(rt, rt.spec, source, SamplerMetrics(rt.registry))
     last_log = 0.0
     while not rt.stopping():
@@ -251,8 +242,7 @@ def serve(rt: ServiceRuntime, source: PromptSource) -> None:
         try:
             sampler.step()
         except RuntimeError as exc:  # e.g. the dynamic-sampling budget is exhausted
-            log.error("%s", exc)
-            rt.store.set_status(rt.run_id, "failed", error=str(exc))
+            rt.fail(str(exc))
             raise
         if time.monotonic() - last_log > 10:
             last_log = time.monotonic()

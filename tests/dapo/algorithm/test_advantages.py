@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dapo.algorithm.advantages import broadcast_to_tokens, group_advantages
+from dapo.algorithm.advantages import group_advantages
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -77,13 +77,3 @@ def test_integer_rewards_and_shape_errors() -> None:
     assert adv[0].tolist() == pytest.approx([1 / math.sqrt(2), -1 / math.sqrt(2)], rel=1e-5)
     with pytest.raises(ValueError, match="num_groups, G"):
         group_advantages(torch.ones(4))
-
-
-def test_broadcast_to_tokens() -> None:
-    adv = torch.tensor([0.5, -2.0, 1.0], dtype=F64)
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
-    out = broadcast_to_tokens(adv, mask)
-    assert out.tolist() == [[0.5, 0.5, 0.0], [-2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
-    assert out.dtype == F64
-    with pytest.raises(ValueError, match="same B"):
-        broadcast_to_tokens(adv, mask[:2])

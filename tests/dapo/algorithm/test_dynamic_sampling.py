@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from dapo.algorithm.dynamic_sampling import group_metric, keep_group, keep_samples
+from dapo.algorithm.dynamic_sampling import group_metric, keep_group
 
 
 @dataclass
@@ -50,8 +50,8 @@ def test_group_metric_reads_acc_and_score() -> None:
 def test_metric_choice_changes_the_decision() -> None:
     # all wrong, one of them penalised for length: dropped by acc, kept by score
     group = [Sample(False, -1.0), Sample(False, -1.0), Sample(False, -1.25)]
-    assert not keep_samples(group, "acc")
-    assert keep_samples(group, "score")
+    assert not keep_group(group_metric(group, "acc"))
+    assert keep_group(group_metric(group, "score"))
 
 
 def test_missing_attribute_and_bad_metric_are_named() -> None:

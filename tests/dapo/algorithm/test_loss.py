@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dapo.algorithm.loss import (
-    AGG_MODES,
     agg_loss,
     apply_overlong_filter,
     clipped_surrogate,
@@ -23,6 +22,7 @@ from dapo.algorithm.loss import (
     truncated_importance_weight,
 )
 from proto.runspec import ActorConfig
+from proto.vocab import LOSS_AGG_MODES
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -127,7 +127,7 @@ AGG_BY_HAND = {
 }
 
 
-@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
 def test_agg_modes_by_hand(mode: str) -> None:
     want_norm, want = AGG_BY_HAND[mode]
     norm = loss_normalizer(MASK, mode, horizon=4)
@@ -146,13 +146,13 @@ def test_norm_mode_needs_horizon_and_bad_mode_is_named() -> None:
 
 def test_all_masked_batch_is_zero_not_nan() -> None:
     mask = torch.zeros(3, 5)
-    for mode in AGG_MODES:
+    for mode in LOSS_AGG_MODES:
         norm = loss_normalizer(mask, mode, horizon=5)
         assert agg_loss(VALUES[:3, :4].repeat(1, 2)[:, :5], mask, mode, norm).item() == 0.0
     assert masked_mean(torch.ones(3, 5), mask).item() == 0.0
 
 
-@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
 def test_garbage_in_masked_positions_never_leaks(mode: str) -> None:
     logp_new = _t([[-0.5, float("nan"), float("-inf")], [float("inf"), float("nan"), 0.0]])
     logp_new.requires_grad_()
@@ -228,7 +228,7 @@ def _loss_and_grads(batch: dict, rows: slice, cfg: ActorConfig, norm: float):
     b=st.integers(1, 7),
     t=st.integers(1, 9),
     seed=st.integers(0, 2**31 - 1),
-    mode=st.sampled_from(AGG_MODES),
+    mode=st.sampled_from(LOSS_AGG_MODES),
     extras=st.booleans(),
 )
 def test_micro_batches_sum_to_full_batch(data, b, t, seed, mode, extras) -> None:

@@ -8,8 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dapo.algorithm.overlong import overlong_penalty, score_with_overlong
-from proto.runspec import OverlongBufferConfig
+from dapo.algorithm.overlong import overlong_penalty
 
 
 @pytest.mark.parametrize(
@@ -93,14 +92,3 @@ def test_bounded_monotone_and_continuous(
 def test_invalid_arguments(args: tuple, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         overlong_penalty(*args)
-
-
-def test_score_with_overlong_uses_config() -> None:
-    cfg = OverlongBufferConfig(len=4, penalty_factor=2.0)
-    assert score_with_overlong(1.0, 6, cfg, 10) == 1.0
-    assert score_with_overlong(1.0, 7, cfg, 10) == 0.5
-    assert score_with_overlong(-1.0, 12, cfg, 10) == -3.0
-    off = OverlongBufferConfig(enable=False, len=4, penalty_factor=2.0)
-    assert score_with_overlong(1.0, 12, off, 10) == 1.0
-    with pytest.raises(ValueError, match="buffer_len"):
-        score_with_overlong(1.0, 5, OverlongBufferConfig(len=20), 10)

@@ -19,8 +19,8 @@ from dapo.cli.client_cli import add_client_commands
 from dapo.runtime.config import load_run_spec
 from dapo.runtime.runs import RunStore
 from services.api.app import create_app
-from services.api.main import serve_in_thread
 from services.api.settings import ApiSettings
+from tests.servers import serve_in_thread
 
 TOKEN = "client-test-token-91c2"
 

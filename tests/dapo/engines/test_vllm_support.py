@@ -1,8 +1,8 @@
 """Tests of the vLLM-free parts of the vLLM engine, and (on a GPU with vLLM) the engine itself.
 
 Names are checked against real wrapped models (torch.compile, activation
-checkpointing, a DDP-style ``module`` attribute), bucket splitting against real
-``FlatBuffers``, the generation gate with real threads. The last test needs a
+checkpointing, a DDP-style ``module`` attribute), chunking against the views of
+real ``FlatBuffers``, the generation gate with real threads. The last test needs a
 CUDA GPU and vLLM and is skipped (and deselected by the default ``-m``) here.
 """
 
@@ -36,7 +36,6 @@ from dapo.engines.vllm_support import (
     meta_named_parameters,
     plan_requests,
     regroup,
-    split_buckets,
     to_completion,
     to_vllm_weights,
     vllm_memory_fraction,
@@ -146,7 +145,7 @@ def test_check_against_specs_names_the_bad_parameter() -> None:
         check_against_specs([("model.norm.weight", torch.zeros(31))], shapes)
 
 
-# ---------------------------------------------------------------- buckets and chunks
+# ---------------------------------------------------------------- chunks and memory
 
 
 def _mixed_dtype_params() -> list[tuple[str, torch.Tensor]]:
@@ -157,45 +156,12 @@ def _mixed_dtype_params() -> list[tuple[str, torch.Tensor]]:
     return named
 
 
-@pytest.mark.parametrize("as_bytes", [False, True])
-def test_split_buckets_covers_every_parameter_once_with_its_bytes(as_bytes: bool) -> None:
-    named = _mixed_dtype_params()
-    layout = BucketLayout.from_named(named, bucket_mb=4096 / 2**20)  # 4 KiB: many buckets
-    assert len(layout.buckets) > 5 and len({b.dtype for b in layout.buckets}) == 2
-    buffers = FlatBuffers(layout)
-    buffers.pack(named)
-    flats = buffers.byte_views if as_bytes else buffers.tensors
-    views = split_buckets(layout, flats)
-    assert [n for n, _ in views] == [n for n, _, _ in layout.specs()]
-    assert sorted(n for n, _ in views) == sorted(n for n, _ in named)
-    source = dict(named)
-    for name, view in views:
-        assert view.dtype == source[name].dtype and view.shape == source[name].shape
-        assert torch.equal(view.view(torch.uint8), source[name].contiguous().view(torch.uint8))
-    # Views alias the buffers: a write shows up in the bucket, no copy was made.
-    name, view = views[0]
-    slot = layout.slots[name]
-    view.view(-1)[0] = 7
-    assert buffers.tensors[slot.bucket][slot.offset].item() == 7
-
-
-def test_split_buckets_rejects_buffers_of_another_layout() -> None:
-    named = _mixed_dtype_params()
-    layout = BucketLayout.from_named(named, bucket_mb=4096 / 2**20)
-    buffers = FlatBuffers(layout)
-    with pytest.raises(ValueError, match="buckets, the layout has"):
-        split_buckets(layout, buffers.tensors[:-1])
-    wrong = [t.float() if t.dtype == torch.bfloat16 else t for t in buffers.tensors]
-    with pytest.raises(ValueError, match="the layout expects"):
-        split_buckets(layout, wrong)
-
-
-def test_chunks_of_split_buckets_reassemble_the_parameters() -> None:
+def test_chunks_of_bucket_views_reassemble_the_parameters() -> None:
     named = _mixed_dtype_params()
     layout = BucketLayout.from_named(named, bucket_mb=1.0)
     buffers = FlatBuffers(layout)
     buffers.pack(named)
-    views = split_buckets(layout, buffers.tensors)
+    views = buffers.views()
     chunks = chunk_by_bytes(views, max_bytes=3000)
     assert len(chunks) > 3
     assert [n for c in chunks for n, _ in c] == [n for n, _ in views]

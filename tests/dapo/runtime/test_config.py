@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dapo.runtime.config import ConfigError, load_run_spec
+from dapo.runtime.config import ConfigError, load_config_tree, load_run_spec
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
@@ -75,6 +75,82 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_run_spec(bad, environ={})
     with pytest.raises(ConfigError, match="not found"):
         load_run_spec(tmp_path / "nope.yaml", environ={})
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_extends_merges_overlay_over_base(tmp_path):
+    _write(
+        tmp_path / "base.yaml",
+        "name: base\nrollout: {n: 4, top_p: 0.9}\nactor: {clip_ratio_high: 0.2}\n",
+    )
+    overlay = _write(
+        tmp_path / "overlay.yaml", "extends: base.yaml\nname: overlay\nrollout: {n: 8}\n"
+    )
+    spec = load_run_spec(overlay, environ={})
+    assert spec.name == "overlay"
+    assert (spec.rollout.n, spec.rollout.top_p) == (8, 0.9)  # sibling key of the base kept
+    assert spec.actor.clip_ratio_high == 0.2
+    assert "extends" not in load_config_tree(overlay)
+
+
+def test_extends_chain_then_env_and_cli_overrides(tmp_path):
+    _write(tmp_path / "a.yaml", "rollout: {n: 4, top_p: 0.9, temperature: 0.5}\n")
+    _write(tmp_path / "b.yaml", "extends: a\nrollout: {top_p: 0.8}\n")  # .yaml may be left off
+    c = _write(tmp_path / "c.yaml", "extends: b.yaml\nrollout: {temperature: 0.7}\n")
+    spec = load_run_spec(c, environ={})
+    assert (spec.rollout.n, spec.rollout.top_p, spec.rollout.temperature) == (4, 0.8, 0.7)
+    env = {"DAPO_SPEC__ROLLOUT__N": "6"}
+    spec = load_run_spec(c, ["rollout.top_p=0.5"], environ=env)
+    assert (spec.rollout.n, spec.rollout.top_p) == (6, 0.5)
+
+
+def test_extends_is_relative_to_the_extending_file_or_a_config_name(tmp_path, monkeypatch):
+    _write(tmp_path / "shared" / "base.yaml", "rollout: {n: 4}\n")
+    deep = _write(tmp_path / "runs" / "x" / "run.yaml", "extends: ../../shared/base.yaml\n")
+    monkeypatch.chdir(tmp_path / "runs")  # not where the base is: the file's folder counts
+    assert load_run_spec(deep, environ={}).rollout.n == 4
+    named = _write(tmp_path / "named.yaml", "extends: cpu-small\nrollout: {n: 3}\n")
+    spec = load_run_spec(named, environ={})
+    assert spec.rollout.n == 3
+    assert spec.model == load_run_spec("cpu-small", environ={}).model
+
+
+def test_extends_cycle_names_the_chain(tmp_path):
+    _write(tmp_path / "a.yaml", "extends: b.yaml\n")
+    _write(tmp_path / "b.yaml", "extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle") as err:
+        load_run_spec(tmp_path / "a.yaml", environ={})
+    assert str(err.value).count("a.yaml") == 2 and "b.yaml" in str(err.value)
+    _write(tmp_path / "self.yaml", "extends: self.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_run_spec(tmp_path / "self.yaml", environ={})
+
+
+@pytest.mark.parametrize(
+    ("extends", "match"),
+    [
+        ("missing.yaml", "'missing.yaml': base file not found"),
+        ("3", "non-empty path string"),
+        ('""', "non-empty"),
+    ],
+)
+def test_extends_errors_name_the_file(tmp_path, extends, match):
+    cfg = _write(tmp_path / "overlay.yaml", f"extends: {extends}\nrollout: {{n: 4}}\n")
+    with pytest.raises(ConfigError, match=match) as err:
+        load_run_spec(cfg, environ={})
+    assert "overlay.yaml" in str(err.value)
+
+
+def test_base_with_bad_yaml_is_named(tmp_path):
+    _write(tmp_path / "base.yaml", "actor: [1, 2\n")
+    overlay = _write(tmp_path / "overlay.yaml", "extends: base.yaml\n")
+    with pytest.raises(ConfigError, match=r"base\.yaml: not valid YAML"):
+        load_run_spec(overlay, environ={})
 
 
 def test_cli_validate_rejects_bad_field_before_starting():

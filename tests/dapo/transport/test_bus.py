@@ -10,7 +10,8 @@ import time
 import numpy as np
 import redis
 
-from dapo.transport.bus import BusSettings, RedisBus
+from dapo.transport.bus import BusSettings
+from dapo.transport.redis_bus import RedisBus
 from proto.codec import encode
 from proto.messages import PromptTask, SamplingSpec, WeightVersion
 
@@ -58,7 +59,7 @@ def test_dedupe_key_makes_republishing_harmless(redis_url, run_id):
 
 CRASHING_CONSUMER = textwrap.dedent("""
     import os, sys, redis
-    from dapo.transport.bus import RedisBus
+    from dapo.transport.redis_bus import RedisBus
     from proto.messages import WeightVersion
     url, run_id, publish_first = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     bus = RedisBus(redis.Redis.from_url(url), run_id)
@@ -88,7 +89,7 @@ def _survivor_processes(bus: RedisBus, run_id: str) -> None:
         got = bus.consume("prompts", "rollout", "survivor", count=4, block_ms=100)
         for d in got:
             out = version(run_id, 1).model_copy(update={"checksum": d.message.group_id})
-            bus.publish_and_ack("versions", out, d, dedupe_key=d.message.group_id)
+            bus.commit(stream="versions", msg=out, dedupe_key=d.message.group_id, ack=[d])
         if not got and bus.lag("prompts")["rollout"].pending == 0:
             return
     raise AssertionError("survivor never drained the crashed consumer's entry")
@@ -218,7 +219,6 @@ def test_commit_acks_many_and_counts_once_per_dedupe_key(redis_url, run_id):
     for i in range(3):
         bus.publish("prompts", task(run_id, i))
     got = bus.consume("prompts", "sampler", "s0", count=3, block_ms=50)
-    account = bus.key("account")
     out = version(run_id, 1)
     assert (
         bus.commit(
@@ -227,7 +227,7 @@ def test_commit_acks_many_and_counts_once_per_dedupe_key(redis_url, run_id):
             dedupe_key="b1",
             ack=got,
             counters={"trained": 3},
-            counters_key=account,
+            counter="account",
         )
         is not None
     )
@@ -240,12 +240,12 @@ def test_commit_acks_many_and_counts_once_per_dedupe_key(redis_url, run_id):
             dedupe_key="b1",
             ack=got,
             counters={"trained": 3},
-            counters_key=account,
+            counter="account",
         )
         is None
     )
     assert bus.length("versions") == 1
-    assert bus.client.hget(account, "trained") == b"3"
+    assert bus.counters("account")["trained"] == 3
     # counters without a message
-    bus.commit(counters={"filtered": 2}, counters_key=account)
-    assert bus.client.hget(account, "filtered") == b"2"
+    bus.commit(counters={"filtered": 2}, counter="account")
+    assert bus.counters("account")["filtered"] == 2

@@ -27,12 +27,13 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from dapo.runtime.config import ConfigError
-from dapo.runtime.runs import SERVICES_PREFIX, RunStore, register_service
+from dapo.runtime.runs import RunStore, register_service
 from dapo.transport.redis_embed import free_port
-from proto.keys import run_key
-from services.api.app import create_app, last_json_line
-from services.api.main import serve_in_thread
+from proto.keys import SERVICES_PREFIX, RunKeys
+from proto.state import StepReport
+from services.api.app import create_app
 from services.api.settings import ApiSettings
+from tests.servers import serve_in_thread
 
 TOKEN = "api-test-token-7f3a"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -163,19 +164,17 @@ def test_concurrent_runs_allowed_by_setting(db_url, rclient, idle, tmp_path):
     assert ids <= {s.run_id for s in idle.active()} and len(ids) == 2
 
 
-def test_status_reports_metrics_account_and_checkpoint(http, idle, rclient, tmp_path):
+def test_status_reports_metrics_account_and_checkpoint_from_redis_alone(http, idle, tmp_path):
     run_id = start(http, tmp_path)["run_id"]
     detail = http.get(f"/v1/runs/{run_id}").json()
     assert detail["latest_metrics"] is None and detail["final_checkpoint"] is None
     assert detail["account"]["dispatched"] == 0 and detail["account"]["in_flight"] == 0
 
-    run_dir = tmp_path / run_id
-    run_dir.mkdir()
-    lines = [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25, "entropy": math.nan}]
-    text = "".join(json.dumps(x) + "\n" for x in lines) + '{"step": 3, "lo'  # mid-append
-    (run_dir / "metrics.jsonl").write_text(text)
-    rclient.hset(
-        run_key(run_id, "account"),
+    # what the learner and the sampler write; the API reads no file (its pod mounts none)
+    figures = {"step": 2.0, "loss": 0.25, "entropy": math.nan}
+    idle.report_step(run_id, StepReport(step=2, batch_id=1, version=2, figures=figures))
+    idle.client.hset(
+        RunKeys(run_id).account,
         mapping={
             "dispatched": 40,
             "trained": 8,
@@ -186,24 +185,15 @@ def test_status_reports_metrics_account_and_checkpoint(http, idle, rclient, tmp_
         },
     )
     idle.update(run_id, step=2, policy_version=2)
-    rclient.set(run_key(run_id, "final_checkpoint"), "/ckpt/step-2")
+    idle.finish(run_id, "completed", final_checkpoint="/ckpt/step-2")
 
     detail = http.get(f"/v1/runs/{run_id}").json()
-    assert detail["latest_metrics"] == {"step": 2, "loss": 0.25, "entropy": None}
+    assert detail["latest_metrics"] == {"step": 2.0, "loss": 0.25, "entropy": None}
     assert detail["step"] == 2 and detail["policy_version"] == 2
     assert detail["account"]["trained"] == 8
     assert detail["account"]["in_flight"] == 40 - (8 + 5 + 3) - 2
-    assert detail["final_checkpoint"] == "/ckpt/step-2"
-
-
-def test_last_json_line_reads_across_blocks(tmp_path):
-    path = tmp_path / "m.jsonl"
-    rows = [{"step": i, "pad": "x" * 50} for i in range(200)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "garbage\n")
-    assert last_json_line(path, block=64) == rows[-1]  # lines longer than a block
-    assert last_json_line(tmp_path / "missing.jsonl") is None
-    path.write_text("no newline yet")
-    assert last_json_line(path) is None
+    assert detail["final_checkpoint"] == "/ckpt/step-2" and detail["status"] == "completed"
+    assert not (tmp_path / run_id).exists()
 
 
 def test_transitions_and_their_conflicts(http, idle, tmp_path):
@@ -220,7 +210,7 @@ def test_transitions_and_their_conflicts(http, idle, tmp_path):
     assert act("resume")["status"] == "running"
     assert act("stop")["status"] == "stopping"
     assert "is stopping" in act("pause", 409)["detail"]
-    assert "cannot set it running" in act("resume", 409)["detail"]
+    assert "cannot resume it" in act("resume", 409)["detail"]
     assert idle.state(run_id).status == "stopping"
     idle.set_status(run_id, "stopped")  # the learner drained and checkpointed
     for action in ("stop", "pause", "resume"):

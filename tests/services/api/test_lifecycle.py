@@ -11,9 +11,9 @@ import redis
 from dapo.cli.client import DapoClient
 from dapo.cli.stack import Stack
 from services.api.app import create_app
-from services.api.main import serve_in_thread
 from services.api.settings import ApiSettings
 from tests.e2e_helpers import make_dataset, make_model_dir, small_spec
+from tests.servers import serve_in_thread
 
 
 def wait_for(predicate, timeout_s: float, what: str, stack: Stack):

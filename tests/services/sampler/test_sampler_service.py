@@ -13,8 +13,7 @@ from dapo.data.prompts import PromptSource
 from dapo.runtime.config import ServiceSettings
 from dapo.runtime.runs import RunStore
 from dapo.runtime.service import ServiceRuntime
-from dapo.transport.bus import RedisBus
-from proto.account import read_account
+from dapo.transport.redis_bus import RedisBus
 from proto.messages import ScoredGroup, ScoredSample, WeightVersion
 from services.sampler.service import Sampler, SamplerMetrics
 from tests.e2e_helpers import make_dataset, make_model_dir, small_spec
@@ -73,10 +72,11 @@ def test_sampler_flow_and_restart(model_dir, tmp_path, redis_url):
     run_id = store.create(spec).run_id
     store.set_status(run_id, "running")
     settings = ServiceSettings(redis_url=redis_url, run_id=run_id, worker_id="sampler-0")
-    with ServiceRuntime("sampler", settings) as rt:
+    with ServiceRuntime("sampler", settings) as runtime:
+        rt = runtime.ctx
         sampler = new_sampler(rt, spec, model_dir, data)
         sampler.step()
-        acc = read_account(rt.client, run_id)
+        acc = store.account(run_id)
         assert acc["dispatched"] == 6 and acc["in_flight"] == 6  # bounded by max_in_flight
         assert rt.bus.length("prompts") == 6
         # the learner publishes versions 1 and 2; scored groups arrive
@@ -90,7 +90,7 @@ def test_sampler_flow_and_restart(model_dir, tmp_path, redis_url):
         rt.bus.publish("scored", scored(run_id, "s2", [False] * 4, 2))
         rt.bus.publish("scored", scored(run_id, "s3", [True, False, False, False], 1))
         sampler.step()
-        acc = read_account(rt.client, run_id)
+        acc = store.account(run_id)
         assert (acc["dropped_stale"], acc["filtered_all_correct"], acc["filtered_all_wrong"]) == (
             1,
             1,
@@ -98,7 +98,7 @@ def test_sampler_flow_and_restart(model_dir, tmp_path, redis_url):
         )
         assert acc["batches"] == 0 and len(sampler._assembler.held) == 1
         # a restart: a fresh sampler gets its held group back from the stream, not twice counted
-        rt.bus = RedisBus(rt.client, run_id)  # a new process has a new bus client
+        rt.bus = RedisBus(runtime.client, run_id)  # a new process has a new bus client
         restarted = new_sampler(rt, spec, model_dir, data)
         restarted.refresh_versions()
         restarted.absorb(
@@ -107,10 +107,10 @@ def test_sampler_flow_and_restart(model_dir, tmp_path, redis_url):
         assert len(restarted._assembler.held) == 1
         rt.bus.publish("scored", scored(run_id, "s4", [False, True, False, True], 2))
         restarted.step()
-        acc = read_account(rt.client, run_id)
+        acc = store.account(run_id)
         assert acc["batches"] == 1 and acc["trained"] == 2
-        batch = rt.client.xrange(rt.bus.key("batches"))
+        batch = runtime.client.xrange(rt.bus.key("batches"))
         assert len(batch) == 1 and b'"s3"' in batch[0][1][b"h"] and b'"s4"' in batch[0][1][b"h"]
         # the cursor continued where the first sampler stopped: new group ids, no repeats
-        ids = [f[b"h"] for _, f in rt.client.xrange(rt.bus.key("prompts"))]
+        ids = [f[b"h"] for _, f in runtime.client.xrange(rt.bus.key("prompts"))]
         assert len(ids) == len(set(ids)) == acc["dispatched"]

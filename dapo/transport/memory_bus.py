@@ -1,0 +1,258 @@
+"""``MemoryBus``: the ``Bus`` contract (``dapo.transport.bus``) in one process.
+
+Entries are stored encoded, exactly as ``RedisBus`` writes them, so decoding,
+dead-lettering and idempotency take the same paths; consumer groups keep a
+cursor and a pending list per entry (owner, delivery count, last delivery
+time) as Redis does. There is no blocking: a consume with nothing to hand out
+returns at once, which is what a single-threaded test of a service loop wants.
+A lock makes each call atomic, so threads may share one bus.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from dapo.transport.bus import (
+    STATS,
+    BusSettings,
+    Delivery,
+    GroupLag,
+    M,
+    dead_letter_record,
+    id_tuple,
+)
+from proto.codec import DecodeError, decode, encode
+from proto.keys import check_run_id
+from proto.messages import STREAM_MESSAGES, Message
+
+
+@dataclass
+class _Pending:
+    consumer: str
+    deliveries: int
+    delivered_at: float
+
+
+@dataclass
+class _Group:
+    cursor: int = 0
+    """Sequence number of the last entry handed out."""
+    pending: dict[int, _Pending] = field(default_factory=dict)
+    last_claim: dict[str, float] = field(default_factory=dict)
+    own: dict[str, int | None] = field(default_factory=dict)
+    """consumer -> sequence number its re-read of its own pending entries has reached
+    (None: done); a restarted consumer starts at 0, as ``RedisBus`` does."""
+
+
+@dataclass
+class MemoryBus:
+    """``Bus`` in memory; ``clock`` (seconds) drives reclaiming and can be a test's own."""
+
+    run_id: str
+    settings: BusSettings = field(default_factory=BusSettings)
+    clock: object = time.monotonic
+    streams: dict[str, dict[int, dict]] = field(default_factory=dict)
+    """stream -> sequence number -> encoded fields (entry id ``"<seq>-0"``)."""
+    dead: list[dict] = field(default_factory=list)
+    """Dead-letter records, oldest first."""
+    _groups: dict[tuple[str, str], _Group] = field(default_factory=dict)
+    _counters: dict[str, dict[str, int]] = field(default_factory=dict)
+    _seen: set[tuple[str, str]] = field(default_factory=set)
+    _errors: dict[tuple[str, int], str] = field(default_factory=dict)
+    _seq: int = 0
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    def __post_init__(self) -> None:
+        check_run_id(self.run_id)
+
+    # -- publish -------------------------------------------------------------
+    def append(self, stream: str, fields: Mapping) -> str:
+        """Add raw stream fields (what a foreign writer could put there); returns the id."""
+        with self._lock:
+            self._seq += 1
+            entries = self.streams.setdefault(stream, {})
+            entries[self._seq] = {_b(k): bytes(v) if isinstance(v, memoryview) else v
+                                  for k, v in fields.items()}  # fmt: skip
+            while len(entries) > self.settings.maxlen:
+                entries.pop(next(iter(entries)))
+            return f"{self._seq}-0"
+
+    def commit(
+        self,
+        *,
+        stream: str | None = None,
+        msg: Message | None = None,
+        dedupe_key: str | None = None,
+        ack: Sequence[Delivery] = (),
+        counters: Mapping[str, int] | None = None,
+        counter: str = STATS,
+    ) -> str | None:
+        if msg is not None and not stream:
+            raise ValueError("commit: a message needs a stream")
+        if ack and len({(d.stream, d.group) for d in ack}) != 1:
+            raise ValueError("a commit acknowledges entries of one stream and group")
+        with self._lock:
+            fresh = dedupe_key is None or (stream, dedupe_key) not in self._seen
+            entry_id = None
+            if msg is not None and fresh:
+                if dedupe_key is not None:
+                    self._seen.add((stream, dedupe_key))
+                entry_id = self.append(stream, encode(msg))
+            self.ack_many(ack)
+            if fresh:
+                hashed = self._counters.setdefault(counter, {})
+                for name, delta in (counters or {}).items():
+                    hashed[name] = hashed.get(name, 0) + int(delta)
+            return entry_id
+
+    def publish(self, stream: str, msg: Message, *, dedupe_key: str | None = None) -> str | None:
+        return self.commit(stream=stream, msg=msg, dedupe_key=dedupe_key)
+
+    def publish_many(
+        self,
+        stream: str,
+        msgs: Sequence[Message],
+        dedupe_keys: Sequence[str | None] | None = None,
+        acks: Sequence[Delivery | None] | None = None,
+    ) -> list[str | None]:
+        dedupe_keys = dedupe_keys or [None] * len(msgs)
+        acks = acks or [None] * len(msgs)
+        with self._lock:
+            return [
+                self.commit(stream=stream, msg=m, dedupe_key=k, ack=[d] if d else [])
+                for m, k, d in zip(msgs, dedupe_keys, acks, strict=True)
+            ]
+
+    # -- consume ---------------------------------------------------------------
+    def consume(
+        self,
+        stream: str,
+        group: str,
+        consumer: str,
+        *,
+        count: int = 16,
+        block_ms: int = 1000,
+        expected: type[M] | None = None,
+        reclaim: bool = True,
+    ) -> list[Delivery[M]]:
+        with self._lock:
+            g = self._groups.setdefault((stream, group), _Group())
+            entries = self.streams.setdefault(stream, {})
+            now = self.clock()
+            seqs = self._own_pending(g, consumer, count)
+            if not seqs and reclaim and self._may_claim(g, consumer, now):
+                idle_s = self.settings.claim_idle_ms / 1000
+                seqs = [s for s, p in g.pending.items() if now - p.delivered_at >= idle_s][:count]
+            if not seqs:
+                seqs = [s for s in entries if s > g.cursor][:count]
+                g.cursor = max(seqs, default=g.cursor)
+            for s in seqs:
+                old = g.pending.get(s)
+                g.pending[s] = _Pending(consumer, (old.deliveries if old else 0) + 1, now)
+            return self._decode_all(stream, group, g, seqs, expected)
+
+    @staticmethod
+    def _own_pending(g: _Group, consumer: str, count: int) -> list[int]:
+        start = g.own.setdefault(consumer, 0)
+        if start is None:
+            return []
+        mine = sorted(s for s, p in g.pending.items() if p.consumer == consumer and s > start)
+        seqs = mine[:count]
+        g.own[consumer] = seqs[-1] if len(seqs) == count else None
+        return seqs
+
+    def _may_claim(self, g: _Group, consumer: str, now: float) -> bool:
+        if now - g.last_claim.get(consumer, -1e18) < self.settings.claim_interval_s:
+            return False
+        g.last_claim[consumer] = now
+        return True
+
+    def _decode_all(self, stream, group, g: _Group, seqs, expected) -> list[Delivery]:
+        cls = expected or STREAM_MESSAGES[stream]
+        out = []
+        for s in seqs:
+            fields = self.streams[stream].get(s)
+            deliveries = g.pending[s].deliveries
+            if fields is None:  # trimmed by the length cap while pending
+                g.pending.pop(s)
+                continue
+            if deliveries > self.settings.max_deliveries:
+                reason = f"delivered {deliveries} times (max {self.settings.max_deliveries})"
+                if (stream, s) in self._errors:
+                    reason += f"; last error: {self._errors.pop((stream, s))}"
+                self._dead_letter(stream, group, s, fields, reason, ack=True)
+                continue
+            try:
+                msg = decode(fields, cls)
+            except DecodeError as exc:
+                self._dead_letter(stream, group, s, fields, str(exc), ack=True)
+                continue
+            out.append(Delivery(stream, group, f"{s}-0", msg, deliveries))
+        return out
+
+    def _dead_letter(self, stream, group, seq: int, fields, reason: str, ack: bool) -> None:
+        self.dead.append(dead_letter_record(stream, group, f"{seq}-0", fields, reason))
+        stats = self._counters.setdefault(STATS, {})
+        stats[f"dead.{stream}"] = stats.get(f"dead.{stream}", 0) + 1
+        if ack:
+            self._groups[(stream, group)].pending.pop(seq, None)
+
+    def ack(self, delivery: Delivery) -> None:
+        self.ack_many([delivery])
+
+    def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        with self._lock:
+            for d in deliveries:
+                g = self._groups.get((d.stream, d.group))
+                if g is not None:
+                    g.pending.pop(id_tuple(d.entry_id)[0], None)
+
+    def nack(self, delivery: Delivery, reason: str) -> None:
+        with self._lock:
+            self._errors[(delivery.stream, id_tuple(delivery.entry_id)[0])] = reason[:2000]
+            g = self._groups[(delivery.stream, delivery.group)]
+            g.own = dict.fromkeys(g.own, 0)  # redeliver: the pending lists are read again
+
+    # -- broadcast streams, counters, lag ----------------------------------------
+    def read(self, stream: str, after: str = "0-0") -> tuple[str, list[Message]]:
+        with self._lock:
+            start = id_tuple(after)[0]
+            out: list[Message] = []
+            for s, fields in list(self.streams.get(stream, {}).items()):
+                if s <= start:
+                    continue
+                after = f"{s}-0"
+                try:
+                    out.append(decode(fields, STREAM_MESSAGES[stream]))
+                except DecodeError as exc:
+                    self._dead_letter(stream, "", s, fields, str(exc), ack=False)
+            return after, out
+
+    def counters(self, counter: str) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counters.get(counter, {}))
+
+    def dead_count(self, stream: str | None = None) -> int:
+        stats = self.counters(STATS)
+        if stream is not None:
+            return stats.get(f"dead.{stream}", 0)
+        return sum(v for k, v in stats.items() if k.startswith("dead."))
+
+    def lag(self, stream: str) -> dict[str, GroupLag]:
+        with self._lock:
+            entries = self.streams.get(stream, {})
+            return {
+                group: GroupLag(len(g.pending), sum(1 for s in entries if s > g.cursor))
+                for (st, group), g in self._groups.items()
+                if st == stream
+            }
+
+    def length(self, stream: str) -> int:
+        return len(self.streams.get(stream, {}))
+
+
+def _b(x) -> bytes:
+    return x if isinstance(x, bytes) else str(x).encode()

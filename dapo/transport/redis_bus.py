@@ -1,0 +1,367 @@
+"""``RedisBus``: the ``Bus`` contract (``dapo.transport.bus``) over Redis streams.
+
+Consumer groups with XREADGROUP; reclaiming with XAUTOCLAIM; every commit is one
+MULTI/EXEC transaction whose idempotency keys are WATCHed; trimming with XTRIM
+MINID below the oldest entry some group still needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import redis
+
+from dapo.transport.bus import (
+    STATS,
+    BusSettings,
+    Delivery,
+    GroupLag,
+    M,
+    dead_letter_record,
+    id_tuple,
+)
+from proto.codec import DecodeError, decode, encode
+from proto.keys import check_run_id, run_key
+from proto.messages import STREAM_MESSAGES, Message
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _ConsumerState:
+    own_from: str | None = "0"
+    """Entry id after which the re-read of this consumer's own pending entries goes on
+    (None: done). It moves past what was handed out, so an entry held unacknowledged on
+    purpose (a batch until its checkpoint) is not handed out twice."""
+    last_claim: float = 0.0
+
+
+@dataclass
+class RedisBus:
+    """``Bus`` over Redis streams (see the module docstring for the guarantees)."""
+
+    client: redis.Redis
+    run_id: str
+    settings: BusSettings = field(default_factory=BusSettings)
+    _groups: set = field(default_factory=set, init=False, repr=False)
+    _consumers: dict = field(default_factory=dict, init=False, repr=False)
+    _published: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_run_id(self.run_id)
+
+    # -- names -------------------------------------------------------------
+    def key(self, stream: str) -> str:
+        return run_key(self.run_id, stream)
+
+    @property
+    def dead_key(self) -> str:
+        return run_key(self.run_id, "dead")
+
+    def counter_key(self, counter: str) -> str:
+        return run_key(self.run_id, counter)
+
+    def _dedupe(self, stream: str, dedupe_key: str | None) -> str:
+        return "" if dedupe_key is None else run_key(self.run_id, "seen", stream, dedupe_key)
+
+    # -- publish -------------------------------------------------------------
+    def _queue(self, pipe, fresh: bool, stream, msg, dedupe, ack, counters, counter):
+        """Queue one commit's commands on a MULTI pipeline (``fresh``: key not seen before)."""
+        if msg is not None and fresh:
+            if dedupe:
+                pipe.set(dedupe, 1, ex=self.settings.dedupe_ttl_s)
+            pipe.xadd(self.key(stream), encode(msg), maxlen=self.settings.maxlen, approximate=True)
+        if ack:
+            pipe.xack(self.key(ack[0].stream), ack[0].group, *(d.entry_id for d in ack))
+        if fresh:
+            for name, delta in (counters or {}).items():
+                pipe.hincrby(self.counter_key(counter), name, int(delta))
+
+    def _transaction(self, items: list[tuple]) -> list[str | None]:
+        """Run commits ``(stream, msg, dedupe_key, ack, counters, counter)`` as one
+        MULTI/EXEC. Idempotency keys are WATCHed: a concurrent publisher of the same key
+        makes EXEC fail, and the retry then sees the key and publishes nothing."""
+        for _, _, _, ack, _, _ in items:
+            if ack and len({(d.stream, d.group) for d in ack}) != 1:
+                raise ValueError("a commit acknowledges entries of one stream and group")
+        dedupes = [
+            self._dedupe(st, k) if m is not None and k is not None else ""
+            for st, m, k, _, _, _ in items
+        ]
+        watched = [d for d in dedupes if d]
+        with self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    seen = set()
+                    if watched:
+                        pipe.watch(*watched)
+                        # immediate mode between WATCH and MULTI: one round trip for all keys
+                        hits = pipe.mget(watched)
+                        seen = {d for d, hit in zip(watched, hits, strict=True) if hit}
+                    pipe.multi()
+                    marks = []
+                    for (st, m, _, ack, cnt, ckey), d in zip(items, dedupes, strict=True):
+                        fresh = not (d and d in seen)
+                        before = len(pipe.command_stack)
+                        self._queue(pipe, fresh, st, m, d, ack, cnt, ckey)
+                        xadd_at = before + (1 if d else 0) if m is not None and fresh else None
+                        marks.append(xadd_at)
+                    results = pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue
+        out = []
+        for (st, *_), at in zip(items, marks, strict=True):
+            out.append(_s(results[at]) if at is not None else None)
+            if at is not None:
+                self._maybe_trim(st)
+        return out
+
+    def commit(
+        self,
+        *,
+        stream: str | None = None,
+        msg: Message | None = None,
+        dedupe_key: str | None = None,
+        ack: Sequence[Delivery] = (),
+        counters: Mapping[str, int] | None = None,
+        counter: str = STATS,
+    ) -> str | None:
+        if msg is not None and not stream:
+            raise ValueError("commit: a message needs a stream")
+        return self._transaction([(stream, msg, dedupe_key, list(ack), counters, counter)])[0]
+
+    def publish_many(
+        self,
+        stream: str,
+        msgs: Sequence[Message],
+        dedupe_keys: Sequence[str | None] | None = None,
+        acks: Sequence[Delivery | None] | None = None,
+    ) -> list[str | None]:
+        """Several publish(+ack) commits in one round trip, all in one transaction."""
+        dedupe_keys = dedupe_keys or [None] * len(msgs)
+        acks = acks or [None] * len(msgs)
+        items = [
+            (stream, m, k, [d] if d is not None else [], None, STATS)
+            for m, k, d in zip(msgs, dedupe_keys, acks, strict=True)
+        ]
+        return self._transaction(items) if items else []
+
+    def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        by_source: dict[tuple[str, str], list[str]] = {}
+        for d in deliveries:
+            by_source.setdefault((d.stream, d.group), []).append(d.entry_id)
+        for (stream, group), ids in by_source.items():
+            self.client.xack(self.key(stream), group, *ids)
+
+    def publish(self, stream: str, msg: Message, *, dedupe_key: str | None = None) -> str | None:
+        """Append ``msg``; returns its entry id, or None if ``dedupe_key`` was seen before."""
+        return self.commit(stream=stream, msg=msg, dedupe_key=dedupe_key)
+
+    def ack(self, delivery: Delivery) -> None:
+        self.client.xack(self.key(delivery.stream), delivery.group, delivery.entry_id)
+
+    def nack(self, delivery: Delivery, reason: str) -> None:
+        """Processing failed: keep the entry pending for redelivery (dead-lettered after N)."""
+        self.client.hset(run_key(self.run_id, "last_error"), delivery.entry_id, reason[:2000])
+        for (stream, group, _), state in self._consumers.items():
+            if stream == delivery.stream and group == delivery.group:
+                state.own_from = "0"
+
+    # -- consume -------------------------------------------------------------
+    def ensure_group(self, stream: str, group: str) -> None:
+        if (stream, group) in self._groups:
+            return
+        try:
+            self.client.xgroup_create(self.key(stream), group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._groups.add((stream, group))
+
+    def consume(
+        self,
+        stream: str,
+        group: str,
+        consumer: str,
+        *,
+        count: int = 16,
+        block_ms: int = 1000,
+        expected: type[M] | None = None,
+        reclaim: bool = True,
+    ) -> list[Delivery[M]]:
+        """Up to ``count`` decoded deliveries: own pending, then reclaimed, then new.
+
+        A single consumer that deliberately holds entries unacknowledged (the
+        sampler's surplus, the learner's batches until a checkpoint) passes
+        ``reclaim=False`` so it does not take its own held entries back.
+        """
+        self.ensure_group(stream, group)
+        key = self.key(stream)
+        state = self._consumers.setdefault((stream, group, consumer), _ConsumerState())
+        raw: list = []
+        if state.own_from is not None:
+            own = self._entries(
+                self.client.xreadgroup(group, consumer, {key: state.own_from}, count=count),
+                keep_deleted=True,
+            )
+            state.own_from = _s(own[-1][0]) if len(own) == count else None
+            raw = [e for e in own if e[1]]
+        now = time.monotonic()
+        if reclaim and not raw and now - state.last_claim >= self.settings.claim_interval_s:
+            state.last_claim = now
+            claimed = self.client.xautoclaim(
+                key, group, consumer, self.settings.claim_idle_ms, start_id="0-0", count=count
+            )
+            raw = [e for e in claimed[1] if e[1]]
+            if raw:
+                log.warning("reclaimed %d idle entries of %s/%s", len(raw), stream, group)
+        redelivered = bool(raw)
+        if not raw:
+            raw = self._entries(
+                self.client.xreadgroup(group, consumer, {key: ">"}, count=count, block=block_ms)
+            )
+        counts = self._delivery_counts(key, group, consumer, raw) if redelivered else {}
+        return self._decode_all(stream, group, raw, counts, expected)
+
+    @staticmethod
+    def _entries(resp, keep_deleted: bool = False) -> list:
+        """(id, fields) pairs of an XREADGROUP reply; a pending entry trimmed away comes back
+        with no fields and is dropped unless ``keep_deleted``."""
+        if not resp:
+            return []
+        if isinstance(resp, dict):  # RESP3
+            entries = [e for batch in resp.values() for e in batch[0]]
+        else:
+            entries = [e for _, batch in resp for e in batch]
+        return entries if keep_deleted else [e for e in entries if e[1]]
+
+    def _delivery_counts(self, key: str, group: str, consumer: str, raw: list) -> dict[bytes, int]:
+        ids = sorted((e[0] for e in raw), key=id_tuple)
+        rows = self.client.xpending_range(
+            key, group, min=ids[0], max=ids[-1], count=2 * len(ids) + 16, consumername=consumer
+        )
+        return {_b(r["message_id"]): int(r["times_delivered"]) for r in rows}
+
+    def _decode_all(self, stream, group, raw, counts, expected) -> list[Delivery]:
+        cls = expected or STREAM_MESSAGES[stream]
+        out = []
+        for entry_id, fields in raw:
+            deliveries = counts.get(_b(entry_id), 1)
+            if deliveries > self.settings.max_deliveries:
+                last = self.client.hget(run_key(self.run_id, "last_error"), _s(entry_id))
+                reason = f"delivered {deliveries} times (max {self.settings.max_deliveries})"
+                if last:
+                    reason += f"; last error: {_s(last)}"
+                self.dead_letter(stream, group, entry_id, fields, reason)
+                continue
+            try:
+                msg = decode(fields, cls)
+            except DecodeError as exc:
+                self.dead_letter(stream, group, entry_id, fields, str(exc))
+                continue
+            out.append(Delivery(stream, group, _s(entry_id), msg, deliveries))
+        return out
+
+    def dead_letter(self, stream: str, group: str, entry_id, fields: dict, reason: str) -> None:
+        """Move an entry to the dead-letter stream (original fields kept) and ack it."""
+        entry = _s(entry_id)
+        log.error("dead-lettering %s entry %s: %s", stream, entry, reason)
+        pipe = self.client.pipeline(transaction=True)
+        record = dead_letter_record(stream, group, entry, fields, reason)
+        pipe.xadd(self.dead_key, record, maxlen=self.settings.maxlen, approximate=True)
+        pipe.xack(self.key(stream), group, entry_id)
+        pipe.hincrby(self.counter_key(STATS), f"dead.{stream}", 1)
+        pipe.hdel(run_key(self.run_id, "last_error"), entry)
+        pipe.execute()
+
+    def read(self, stream: str, after: str = "0-0") -> tuple[str, list[Message]]:
+        """Entries of a broadcast stream after ``after``, and the id to read after next time.
+        An undecodable entry is copied to the dead letters (the stream has no group to
+        acknowledge it in) and skipped."""
+        start = "-" if after == "0-0" else f"({after}"
+        out: list[Message] = []
+        for raw_id, fields in self.client.xrange(self.key(stream), min=start):
+            after = _s(raw_id)
+            try:
+                out.append(decode(fields, STREAM_MESSAGES[stream]))
+            except DecodeError as exc:
+                log.error("skipping %s entry %s: %s", stream, after, exc)
+                pipe = self.client.pipeline(transaction=True)
+                record = dead_letter_record(stream, "", after, fields, str(exc))
+                pipe.xadd(self.dead_key, record, maxlen=self.settings.maxlen, approximate=True)
+                pipe.hincrby(self.counter_key(STATS), f"dead.{stream}", 1)
+                pipe.execute()
+        return after, out
+
+    def counters(self, counter: str) -> dict[str, int]:
+        return {_s(k): int(v) for k, v in self.client.hgetall(self.counter_key(counter)).items()}
+
+    def dead_count(self, stream: str | None = None) -> int:
+        if stream is not None:
+            return int(self.client.hget(self.counter_key(STATS), f"dead.{stream}") or 0)
+        stats = self.counters(STATS)
+        return sum(v for k, v in stats.items() if k.startswith("dead."))
+
+    # -- lag and trimming ------------------------------------------------------
+    def lag(self, stream: str) -> dict[str, GroupLag]:
+        """Per consumer group: pending (unacked) and lag (undelivered) entries."""
+        try:
+            groups = self.client.xinfo_groups(self.key(stream))
+        except redis.ResponseError:  # stream does not exist yet
+            return {}
+        return {
+            _s(g["name"]): GroupLag(
+                int(g["pending"]), -1 if g.get("lag") is None else int(g["lag"])
+            )
+            for g in groups
+        }
+
+    def length(self, stream: str) -> int:
+        return int(self.client.xlen(self.key(stream)))
+
+    def _maybe_trim(self, stream: str) -> None:
+        n = self._published.get(stream, 0) + 1
+        self._published[stream] = n
+        if n % self.settings.trim_every == 0:
+            self.trim(stream)
+
+    def trim(self, stream: str) -> int:
+        """Drop entries every consumer group has acknowledged; returns how many went."""
+        key = self.key(stream)
+        try:
+            groups = self.client.xinfo_groups(key)
+        except redis.ResponseError:
+            return 0
+        if not groups:
+            return 0  # nobody consumes yet: everything is still needed
+        floor = None
+        for g in groups:
+            # Other consumers ack concurrently: XINFO's pending count may be stale by the
+            # time XPENDING runs, whose summary is then empty (min None). Entries delivered
+            # after XINFO are pending in that summary, so falling back to the (older)
+            # last-delivered id never drops an entry someone still needs.
+            ms, seq = id_tuple(g["last-delivered-id"])
+            need = (ms, seq + 1)
+            if int(g["pending"]):
+                oldest = self.client.xpending(key, g["name"]).get("min")
+                if oldest is not None:
+                    need = min(need, id_tuple(oldest))
+            floor = need if floor is None else min(floor, need)
+        return int(self.client.xtrim(key, minid=f"{floor[0]}-{floor[1]}"))
+
+
+def _b(x) -> bytes:
+    return x if isinstance(x, bytes) else str(x).encode()
+
+
+def _s(x) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def connect(url: str) -> redis.Redis:
+    """A client for ``url`` with health checks; bytes in, bytes out."""
+    return redis.Redis.from_url(url, health_check_interval=30, socket_keepalive=True)
