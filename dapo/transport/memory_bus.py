@@ -1,11 +1,14 @@
 """``MemoryBus``: the ``Bus`` contract (``dapo.transport.bus``) in one process.
 
-Entries are stored encoded, exactly as ``RedisBus`` writes them, so decoding,
-dead-lettering and idempotency take the same paths; consumer groups keep a
-cursor and a pending list per entry (owner, delivery count, last delivery
-time) as Redis does. There is no blocking: a consume with nothing to hand out
-returns at once, which is what a single-threaded test of a service loop wants.
-A lock makes each call atomic, so threads may share one bus.
+``MemoryBroker`` plays the Redis server: streams of entries stored encoded,
+exactly as ``RedisBus`` writes them (so decoding, dead-lettering and
+idempotency take the same paths), consumer groups with a cursor and a pending
+list (owner, delivery count, last delivery time), counters and dead letters.
+``MemoryBus`` plays one process's client over it: like ``RedisBus`` it keeps
+each consumer's re-read of its own pending entries, so a new ``MemoryBus`` over
+the same broker is a restarted process. There is no blocking: a consume with
+nothing to hand out returns at once, which is what a single-threaded test of a
+service loop wants. The broker's lock makes each call atomic.
 """
 
 from __future__ import annotations
@@ -41,44 +44,65 @@ class _Group:
     cursor: int = 0
     """Sequence number of the last entry handed out."""
     pending: dict[int, _Pending] = field(default_factory=dict)
-    last_claim: dict[str, float] = field(default_factory=dict)
-    own: dict[str, int | None] = field(default_factory=dict)
-    """consumer -> sequence number its re-read of its own pending entries has reached
-    (None: done); a restarted consumer starts at 0, as ``RedisBus`` does."""
 
 
 @dataclass
-class MemoryBus:
-    """``Bus`` in memory; ``clock`` (seconds) drives reclaiming and can be a test's own."""
+class MemoryBroker:
+    """What Redis holds for one run's bus; share it between ``MemoryBus`` clients."""
 
-    run_id: str
-    settings: BusSettings = field(default_factory=BusSettings)
-    clock: object = time.monotonic
     streams: dict[str, dict[int, dict]] = field(default_factory=dict)
     """stream -> sequence number -> encoded fields (entry id ``"<seq>-0"``)."""
     dead: list[dict] = field(default_factory=list)
     """Dead-letter records, oldest first."""
-    _groups: dict[tuple[str, str], _Group] = field(default_factory=dict)
-    _counters: dict[str, dict[str, int]] = field(default_factory=dict)
-    _seen: set[tuple[str, str]] = field(default_factory=set)
-    _errors: dict[tuple[str, int], str] = field(default_factory=dict)
-    _seq: int = 0
-    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    groups: dict[tuple[str, str], _Group] = field(default_factory=dict)
+    counters: dict[str, dict[str, int]] = field(default_factory=dict)
+    seen: set[tuple[str, str]] = field(default_factory=set)
+    errors: dict[tuple[str, int], str] = field(default_factory=dict)
+    seq: int = 0
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+
+@dataclass
+class MemoryBus:
+    """``Bus`` over a ``MemoryBroker``; ``clock`` (seconds) drives reclaiming."""
+
+    run_id: str
+    settings: BusSettings = field(default_factory=BusSettings)
+    broker: MemoryBroker = field(default_factory=MemoryBroker)
+    clock: object = time.monotonic
+    _own: dict[tuple[str, str, str], int | None] = field(default_factory=dict)
+    """(stream, group, consumer) -> sequence number the re-read of the consumer's own
+    pending entries has reached (None: done); a new client starts at 0, as a restarted
+    ``RedisBus`` process does."""
+    _last_claim: dict[tuple[str, str, str], float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_run_id(self.run_id)
+
+    @property
+    def streams(self) -> dict[str, dict[int, dict]]:
+        return self.broker.streams
+
+    @property
+    def dead(self) -> list[dict]:
+        return self.broker.dead
+
+    @property
+    def _lock(self) -> threading.RLock:
+        return self.broker.lock
 
     # -- publish -------------------------------------------------------------
     def append(self, stream: str, fields: Mapping) -> str:
         """Add raw stream fields (what a foreign writer could put there); returns the id."""
         with self._lock:
-            self._seq += 1
+            self.broker.seq += 1
+            seq = self.broker.seq
             entries = self.streams.setdefault(stream, {})
-            entries[self._seq] = {_b(k): bytes(v) if isinstance(v, memoryview) else v
-                                  for k, v in fields.items()}  # fmt: skip
+            entries[seq] = {_b(k): bytes(v) if isinstance(v, memoryview) else v
+                            for k, v in fields.items()}  # fmt: skip
             while len(entries) > self.settings.maxlen:
                 entries.pop(next(iter(entries)))
-            return f"{self._seq}-0"
+            return f"{seq}-0"
 
     def commit(
         self,
@@ -95,15 +119,15 @@ class MemoryBus:
         if ack and len({(d.stream, d.group) for d in ack}) != 1:
             raise ValueError("a commit acknowledges entries of one stream and group")
         with self._lock:
-            fresh = dedupe_key is None or (stream, dedupe_key) not in self._seen
+            fresh = dedupe_key is None or (stream, dedupe_key) not in self.broker.seen
             entry_id = None
             if msg is not None and fresh:
                 if dedupe_key is not None:
-                    self._seen.add((stream, dedupe_key))
+                    self.broker.seen.add((stream, dedupe_key))
                 entry_id = self.append(stream, encode(msg))
             self.ack_many(ack)
             if fresh:
-                hashed = self._counters.setdefault(counter, {})
+                hashed = self.broker.counters.setdefault(counter, {})
                 for name, delta in (counters or {}).items():
                     hashed[name] = hashed.get(name, 0) + int(delta)
             return entry_id
@@ -139,11 +163,11 @@ class MemoryBus:
         reclaim: bool = True,
     ) -> list[Delivery[M]]:
         with self._lock:
-            g = self._groups.setdefault((stream, group), _Group())
+            g = self.broker.groups.setdefault((stream, group), _Group())
             entries = self.streams.setdefault(stream, {})
             now = self.clock()
-            seqs = self._own_pending(g, consumer, count)
-            if not seqs and reclaim and self._may_claim(g, consumer, now):
+            seqs = self._own_pending(g, (stream, group, consumer), count)
+            if not seqs and reclaim and self._may_claim((stream, group, consumer), now):
                 idle_s = self.settings.claim_idle_ms / 1000
                 seqs = [s for s, p in g.pending.items() if now - p.delivered_at >= idle_s][:count]
             if not seqs:
@@ -154,20 +178,19 @@ class MemoryBus:
                 g.pending[s] = _Pending(consumer, (old.deliveries if old else 0) + 1, now)
             return self._decode_all(stream, group, g, seqs, expected)
 
-    @staticmethod
-    def _own_pending(g: _Group, consumer: str, count: int) -> list[int]:
-        start = g.own.setdefault(consumer, 0)
+    def _own_pending(self, g: _Group, who: tuple[str, str, str], count: int) -> list[int]:
+        start = self._own.setdefault(who, 0)
         if start is None:
             return []
-        mine = sorted(s for s, p in g.pending.items() if p.consumer == consumer and s > start)
+        mine = sorted(s for s, p in g.pending.items() if p.consumer == who[2] and s > start)
         seqs = mine[:count]
-        g.own[consumer] = seqs[-1] if len(seqs) == count else None
+        self._own[who] = seqs[-1] if len(seqs) == count else None
         return seqs
 
-    def _may_claim(self, g: _Group, consumer: str, now: float) -> bool:
-        if now - g.last_claim.get(consumer, -1e18) < self.settings.claim_interval_s:
+    def _may_claim(self, who: tuple[str, str, str], now: float) -> bool:
+        if now - self._last_claim.get(who, -1e18) < self.settings.claim_interval_s:
             return False
-        g.last_claim[consumer] = now
+        self._last_claim[who] = now
         return True
 
     def _decode_all(self, stream, group, g: _Group, seqs, expected) -> list[Delivery]:
@@ -181,8 +204,8 @@ class MemoryBus:
                 continue
             if deliveries > self.settings.max_deliveries:
                 reason = f"delivered {deliveries} times (max {self.settings.max_deliveries})"
-                if (stream, s) in self._errors:
-                    reason += f"; last error: {self._errors.pop((stream, s))}"
+                if (stream, s) in self.broker.errors:
+                    reason += f"; last error: {self.broker.errors.pop((stream, s))}"
                 self._dead_letter(stream, group, s, fields, reason, ack=True)
                 continue
             try:
@@ -195,10 +218,10 @@ class MemoryBus:
 
     def _dead_letter(self, stream, group, seq: int, fields, reason: str, ack: bool) -> None:
         self.dead.append(dead_letter_record(stream, group, f"{seq}-0", fields, reason))
-        stats = self._counters.setdefault(STATS, {})
+        stats = self.broker.counters.setdefault(STATS, {})
         stats[f"dead.{stream}"] = stats.get(f"dead.{stream}", 0) + 1
         if ack:
-            self._groups[(stream, group)].pending.pop(seq, None)
+            self.broker.groups[(stream, group)].pending.pop(seq, None)
 
     def ack(self, delivery: Delivery) -> None:
         self.ack_many([delivery])
@@ -206,15 +229,16 @@ class MemoryBus:
     def ack_many(self, deliveries: Sequence[Delivery]) -> None:
         with self._lock:
             for d in deliveries:
-                g = self._groups.get((d.stream, d.group))
+                g = self.broker.groups.get((d.stream, d.group))
                 if g is not None:
                     g.pending.pop(id_tuple(d.entry_id)[0], None)
 
     def nack(self, delivery: Delivery, reason: str) -> None:
         with self._lock:
-            self._errors[(delivery.stream, id_tuple(delivery.entry_id)[0])] = reason[:2000]
-            g = self._groups[(delivery.stream, delivery.group)]
-            g.own = dict.fromkeys(g.own, 0)  # redeliver: the pending lists are read again
+            self.broker.errors[(delivery.stream, id_tuple(delivery.entry_id)[0])] = reason[:2000]
+            for who in self._own:  # redeliver: the pending lists are read again
+                if who[:2] == (delivery.stream, delivery.group):
+                    self._own[who] = 0
 
     # -- broadcast streams, counters, lag ----------------------------------------
     def read(self, stream: str, after: str = "0-0") -> tuple[str, list[Message]]:
@@ -233,7 +257,7 @@ class MemoryBus:
 
     def counters(self, counter: str) -> dict[str, int]:
         with self._lock:
-            return dict(self._counters.get(counter, {}))
+            return dict(self.broker.counters.get(counter, {}))
 
     def dead_count(self, stream: str | None = None) -> int:
         stats = self.counters(STATS)
@@ -246,7 +270,7 @@ class MemoryBus:
             entries = self.streams.get(stream, {})
             return {
                 group: GroupLag(len(g.pending), sum(1 for s in entries if s > g.cursor))
-                for (st, group), g in self._groups.items()
+                for (st, group), g in self.broker.groups.items()
                 if st == stream
             }
 

@@ -1,21 +1,29 @@
 """The learner sharded across ranks with FSDP2 (``torchrun --nproc_per_node=N``).
 
-With ``WORLD_SIZE == 1`` none of this is used: the learner is one process.
+One start-up path serves every world size (``services.learner.main``): a
+plain process is a world of one (``SoloRanks``: no process group, collectives
+are identities), so the model is not sharded, the sender adopts its
+parameters and checkpoints carry a single ``optimizer.pt``.
 
-With ``WORLD_SIZE > 1`` (backend NCCL on CUDA, gloo on CPU, same code):
+With ``WORLD_SIZE > 1`` (``GroupRanks``; backend NCCL on CUDA, gloo on CPU,
+same code):
 
 - every rank loads the model, then ``fully_shard`` wraps each decoder layer and
   the root, so parameters, gradients and optimizer state are split over ranks.
   Gradients are reduced as a *sum* (divide factor 1, plain SUM collectives:
   gloo has no PREMUL_SUM), not a mean;
 - rank 0 alone runs the service shell (health port, heartbeat, bus, weight
-  sender, checkpoints, metrics). The other ranks run ``follow``: they wait for
-  commands from rank 0 on a gloo side group with a long timeout (the learner
-  may idle for hours between batches), then join the collectives the command
-  implies. Commands: ``("batch", fields)`` (a codec-encoded TrainingBatch),
-  ``("weights",)`` (gather full parameters for the rollout broadcast),
-  ``("checkpoint", root, step)`` and ``("stop",)``. Followers ignore SIGTERM:
-  rank 0 sees it, writes the final checkpoint with them, then sends stop;
+  sender, checkpoints, metrics). Its ``Policy`` (``services.learner.policy``)
+  sends each command to the other ranks before doing its own part; they run
+  ``Policy.follow``: they wait for commands from rank 0 on a gloo side group
+  with a long timeout (the learner may idle for hours between batches), then
+  join the collectives the command implies. Commands: ``("init", spec, ckpt,
+  pad_id)`` (build the model; sent once, at start), ``("batch", fields)`` (a
+  codec-encoded TrainingBatch), ``("weights",)`` (gather full parameters for
+  the rollout broadcast), ``("checkpoint", root, step)`` and ``("stop",)``.
+  Followers ignore SIGTERM: rank 0 sees it, writes the final checkpoint with
+  them, then sends stop; rank 0 also sends stop when it fails before "init"
+  (after it, torchrun tears the other ranks down);
 - every rank holds the whole batch, so mini-batch loss normalisers are the
   same everywhere. Micro-batches are dealt round-robin over ranks
   (``padded_share``); ranks short of one run a dummy forward/backward with a
@@ -38,85 +46,15 @@ With ``WORLD_SIZE > 1`` (backend NCCL on CUDA, gloo on CPU, same code):
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from services.learner.checkpoint import checkpoint_dir
-
-COMMAND_TIMEOUT = timedelta(days=30)
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-@dataclass
-class Ranks:
-    """This process's place in the group, plus the side group carrying rank 0's commands."""
-
-    rank: int
-    world: int
-    device: str
-    commands: Any = None  # gloo ProcessGroup for commands
-
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum of ``t`` over ranks, returned on t's original device."""
-        moved = t.to(self.device)
-        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
-        return moved.to(t.device)
-
-    def sum_dicts(self, values: dict[str, float]) -> dict[str, float]:
-        """Key-wise sum over ranks of small dicts of floats (keys may differ by rank)."""
-        parts: list[dict[str, float] | None] = [None] * self.world
-        dist.all_gather_object(parts, values)
-        out: dict[str, float] = {}
-        for part in parts:
-            for k, v in (part or {}).items():
-                out[k] = out.get(k, 0.0) + v
-        return out
-
-    def send(self, *command: Any) -> None:
-        """Rank 0: hand a command to every other rank."""
-        if self.rank != 0:
-            raise RuntimeError(f"only rank 0 sends commands (this is rank {self.rank})")
-        dist.broadcast_object_list([command], src=0, group=self.commands)
-
-    def receive(self) -> tuple:
-        box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=0, group=self.commands)
-        return box[0]
-
-
-def init_ranks(device_setting: str = "auto") -> Ranks:
-    """Joins the torchrun group: NCCL and cuda:LOCAL_RANK on GPU, gloo on CPU."""
-    use_cuda = device_setting != "cpu" and torch.cuda.is_available()
-    if device_setting == "cuda" and not use_cuda:
-        raise RuntimeError("device 'cuda' requested but no CUDA GPU is visible")
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    else:
-        device = "cpu"
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    group = dist.new_group(backend="gloo", timeout=COMMAND_TIMEOUT)
-    return Ranks(dist.get_rank(), dist.get_world_size(), device, group)
-
-
-def padded_share(n: int, rank: int, world: int) -> list[int | None]:
-    """Indices of the ``n`` items rank ``rank`` handles when dealt round-robin, padded with
-    None (a dummy item) so every rank gets ``ceil(n / world)`` entries."""
-    per_rank = -(-n // world)
-    return [i if (i := j * world + rank) < n else None for j in range(per_rank)]
+from services.learner.ranks import Ranks
+from services.learner.seams import Tokenizer
 
 
 def shard_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -197,7 +135,7 @@ def save_sharded_checkpoint(
     root: Path,
     step: int,
     model: torch.nn.Module,
-    tokenizer,
+    tokenizer: Tokenizer | None,
     trainer_state: dict,
     optimizer: torch.optim.Optimizer,
 ) -> Path:
@@ -209,7 +147,7 @@ def save_sharded_checkpoint(
     if ranks.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    dist.barrier(group=ranks.commands)  # gloo side group: no short timeout
+    ranks.barrier()
     torch.save(local_optimizer_state(optimizer), tmp / f"optimizer_rank{ranks.rank}.pt")
     if ranks.rank == 0:
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
@@ -217,11 +155,11 @@ def save_sharded_checkpoint(
             tokenizer.save_pretrained(tmp)
         doc = {"step": step, **trainer_state, "world_size": ranks.world}
         (tmp / "trainer_state.json").write_text(json.dumps(doc, indent=2))
-    dist.barrier(group=ranks.commands)  # gloo side group: no short timeout
+    ranks.barrier()
     if ranks.rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-    dist.barrier(group=ranks.commands)  # gloo side group: no short timeout
+    ranks.barrier()
     return final
 
 
@@ -240,67 +178,3 @@ def read_sharded_optimizer_state(ckpt: Path, state: dict, ranks: Ranks) -> dict:
         )
     path = ckpt / f"optimizer_rank{ranks.rank}.pt"
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-class LeaderTrainer:
-    """Rank 0's trainer: ships each batch to the other ranks, then trains in lock-step."""
-
-    def __init__(self, trainer, ranks: Ranks) -> None:
-        self.trainer, self.ranks = trainer, ranks
-
-    def train_batch(self, batch) -> dict[str, float]:
-        from proto.codec import encode
-
-        self.ranks.send("batch", {k: bytes(v) for k, v in encode(batch).items()})
-        return self.trainer.train_batch(batch)
-
-    def __getattr__(self, name: str):
-        return getattr(self.trainer, name)
-
-
-class LeaderSender:
-    """Rank 0's weight sender: gathers the full parameters with every rank, then sends them."""
-
-    def __init__(self, sender, model: torch.nn.Module, ranks: Ranks) -> None:
-        self.sender, self.model, self.ranks = sender, model, ranks
-
-    def broadcast(self, version: int):
-        self.ranks.send("weights")
-        return self.sender.broadcast(version, named_params=full_params(self.model))
-
-    def __getattr__(self, name: str):
-        return getattr(self.sender, name)
-
-
-def leader_save(ranks: Ranks):
-    """A ``LearnerLoop.save`` for rank 0: tells the other ranks, then saves with them."""
-
-    def save(root: Path, step: int, model, tokenizer, trainer_state: dict, optimizer) -> Path:
-        ranks.send("checkpoint", str(root), step)
-        return save_sharded_checkpoint(
-            ranks, root, step, model, tokenizer, trainer_state, optimizer
-        )
-
-    return save
-
-
-def follow(ranks: Ranks, trainer) -> None:
-    """Ranks > 0: carry out rank 0's commands until it says stop."""
-    from proto.codec import decode
-    from proto.messages import TrainingBatch
-
-    while True:
-        kind, *args = ranks.receive()
-        if kind == "batch":
-            trainer.train_batch(decode(args[0], TrainingBatch))
-        elif kind == "weights":
-            full_params(trainer.model)
-        elif kind == "checkpoint":
-            root, step = Path(args[0]), int(args[1])
-            save_sharded_checkpoint(
-                ranks, root, step, trainer.model, None, trainer.state(), trainer.optimizer
-            )
-        elif kind == "stop":
-            return
-        else:
-            raise ValueError(f"unknown learner command {kind!r} from rank 0")

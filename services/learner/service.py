@@ -5,6 +5,10 @@ checkpoint containing its update is on disk. A restarted learner (same
 consumer name) resumes from the newest checkpoint and is handed back every
 batch it had not yet checkpointed; batches whose id is below the
 checkpoint's step are acknowledged and skipped.
+
+The loop sees the policy, the weight sender and the tokenizer only through the
+protocols of ``services.learner.seams``, so it is the same on one rank or many
+and runs in tests over ``MemoryBus`` with in-memory stand-ins.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,9 +24,9 @@ from dapo.transport.bus import Delivery
 from dapo.weights.registry import WeightSyncError
 from proto.messages import TrainingBatch, WeightVersion
 from proto.state import StepReport
-from services.learner.checkpoint import prune_checkpoints, save_checkpoint
+from services.learner.checkpoint import prune_checkpoints
 from services.learner.metrics import LearnerMetrics
-from services.learner.trainer import Trainer
+from services.learner.seams import Tokenizer, TrainablePolicy, WeightBroadcaster
 
 log = logging.getLogger(__name__)
 CONSUMER = "learner-0"
@@ -31,10 +34,14 @@ CONSUMER = "learner-0"
 
 @dataclass
 class LearnerLoop:
+    """One learner's loop (rank 0's when sharded). ``step`` counts the batches trained,
+    which is also the id of the next batch to train; ``last_ckpt`` is the checkpoint the
+    learner resumed from, if any; ``held`` the deliveries trained since the last one."""
+
     rt: ServiceContext
-    trainer: Trainer
-    tokenizer: object
-    sender: object  # dapo.weights.WeightSender
+    policy: TrainablePolicy
+    tokenizer: Tokenizer
+    sender: WeightBroadcaster
     run_dir: Path
     step: int
     keep_checkpoints: int = 3
@@ -43,8 +50,6 @@ class LearnerLoop:
     last_ckpt: Path | None = None
     _ckpt_step: int = -1
     _last_broadcast: int | None = None
-    save: Callable[..., Path] = save_checkpoint
-    """Writes a checkpoint: (root, step, model, tokenizer, trainer_state, optimizer) -> dir."""
 
     def __post_init__(self) -> None:
         self.metrics = LearnerMetrics(self.rt.registry)
@@ -56,23 +61,32 @@ class LearnerLoop:
     def announce(self, checksum: str, num_bytes: int) -> None:
         msg = WeightVersion(
             run_id=self.rt.run_id,
-            version=self.trainer.version,
+            version=self.policy.version,
             step=self.step,
             checksum=checksum,
             num_bytes=num_bytes,
             checkpoint_dir=str(self.last_ckpt) if self.last_ckpt else None,
         )
         self.rt.bus.publish("versions", msg)
-        self.rt.store.update(self.rt.run_id, step=self.step, policy_version=self.trainer.version)
+        self.rt.store.update(self.rt.run_id, step=self.step, policy_version=self.policy.version)
+
+    def run(self) -> None:
+        """Announce where a late worker starts, send the current weights so every worker
+        starts in agreement, then train."""
+        if self.last_ckpt is not None:
+            self.sender.publish_checkpoint(self.policy.version, str(self.last_ckpt))
+        self.broadcast()
+        self.serve()
 
     def broadcast(self) -> None:
         """Send the weights; a worker that died mid-transfer only costs this round."""
+        version = self.policy.version
         try:
-            stats = self.sender.broadcast(self.trainer.version)
+            stats = self.sender.broadcast(version, self.policy.gather_weights())
         except WeightSyncError as exc:
             log.warning(
                 "weight broadcast of version %d failed: %s (workers catch up at the next one)",
-                self.trainer.version,
+                version,
                 exc,
             )
             self.metrics.sync_failures.inc()
@@ -92,24 +106,17 @@ class LearnerLoop:
                 log.warning(
                     "worker %s disagrees on version %d: %s", worker, self._last_broadcast, reason
                 )
-        self._last_broadcast = self.trainer.version
+        self._last_broadcast = self.policy.version
 
     def checkpoint(self) -> None:
-        self.last_ckpt = self.save(
-            self.ckpt_root,
-            self.step,
-            self.trainer.model,
-            self.tokenizer,
-            self.trainer.state(),
-            self.trainer.optimizer,
-        )
+        self.last_ckpt = self.policy.save_checkpoint(self.ckpt_root, self.step, self.tokenizer)
         self._ckpt_step = self.step
-        self.sender.publish_checkpoint(self.trainer.version, str(self.last_ckpt))
+        self.sender.publish_checkpoint(self.policy.version, str(self.last_ckpt))
         if self.held:
             self.rt.bus.ack_many(self.held)
             self.held.clear()
         prune_checkpoints(self.ckpt_root, self.keep_checkpoints)
-        log.info("checkpoint %s (version %d)", self.last_ckpt.name, self.trainer.version)
+        log.info("checkpoint %s (version %d)", self.last_ckpt.name, self.policy.version)
 
     def handle(self, d: Delivery[TrainingBatch]) -> None:
         batch = d.message
@@ -120,8 +127,8 @@ class LearnerLoop:
             self.rt.bus.ack(d)
             return
         t0 = time.perf_counter()
-        version_before = self.trainer.version
-        figures = self.trainer.train_batch(batch)
+        version_before = self.policy.version
+        figures = self.policy.train_batch(batch)
         self.step += 1
         self.held.append(d)
         figures.update(
@@ -130,14 +137,14 @@ class LearnerLoop:
             train_s=time.perf_counter() - t0,
             time=time.time(),
         )
-        if self.trainer.version != version_before:  # weights changed: send them
+        if self.policy.version != version_before:  # weights changed: send them
             self.broadcast()
         else:
             self.rt.store.update(self.rt.run_id, step=self.step)
         self.metrics.observe_step(figures)
         self.rt.store.report_step(
             self.rt.run_id,
-            StepReport(step=self.step, batch_id=batch.batch_id, version=self.trainer.version,
+            StepReport(step=self.step, batch_id=batch.batch_id, version=self.policy.version,
                        time=figures["time"], figures=figures),
         )  # fmt: skip
         with self.metrics_file.open("a") as f:
@@ -151,7 +158,7 @@ class LearnerLoop:
             figures["kept_ratio"],
             figures.get("entropy", float("nan")),
             figures["version_lag"],
-            self.trainer.version,
+            self.policy.version,
         )
         freq = self.rt.spec.trainer.save_freq
         if freq and self.step % freq == 0:
@@ -176,4 +183,4 @@ class LearnerLoop:
             self.rt.store.finish(self.rt.run_id, "stopped", final_checkpoint=final)
         else:  # a signal: the run goes on with the next learner
             self.rt.store.update(self.rt.run_id, final_checkpoint=final)
-        log.info("learner done at step %d (version %d)", self.step, self.trainer.version)
+        log.info("learner done at step %d (version %d)", self.step, self.policy.version)

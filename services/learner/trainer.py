@@ -8,10 +8,12 @@ into micro-batches whose losses are normalised by the *mini-batch's* token
 gradient norm is not finite is skipped and counted; the version only moves
 when the weights do.
 
-Given ``ranks`` (an FSDP-sharded model under torchrun, see
+The trainer runs on ``ranks`` (``services.learner.ranks``; a world of one
+unless given). Over several ranks (an FSDP-sharded model under torchrun, see
 ``services.learner.distributed``) the micro-batches are dealt over ranks,
 padded with zero-loss dummies so every rank runs the same collectives; the
-skip test, the gradient norm and the reported figures are global.
+skip test, the gradient norm and the reported figures are global. In a world
+of one the sums over ranks are identities and the update is the plain one.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import math
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -34,7 +35,7 @@ from dapo.algorithm.loss import (
 from proto.messages import TrainingBatch
 from proto.runspec import RunSpec
 from services.learner.batching import PackedSamples, micro_batches, mini_batches, pack_batch
-from services.learner.distributed import padded_share
+from services.learner.ranks import Ranks, SoloRanks, padded_share
 
 # figures already identical on every rank (not summed over ranks)
 _GLOBAL_FIGURES = ("loss", "grad_norm", "skipped", "lr", "_mini")
@@ -65,7 +66,7 @@ class Trainer:
     optimizer_steps: int = 0
     skipped_steps: int = 0
     ref_model: torch.nn.Module | None = None
-    ranks: Any = None  # services.learner.distributed.Ranks when sharded over ranks
+    ranks: Ranks = field(default_factory=SoloRanks)
     optimizer: torch.optim.Optimizer = field(init=False)
 
     def __post_init__(self) -> None:
@@ -97,10 +98,8 @@ class Trainer:
         return (logp, logits) if with_logits else (logp, None)
 
     def _share(self, mbs: list[torch.Tensor]) -> list[tuple[torch.Tensor, bool]]:
-        """(rows, is_dummy) of the micro-batches this rank runs: all of them in one process;
-        dealt round-robin over ranks, padded with dummies re-running the first, otherwise."""
-        if self.ranks is None:
-            return [(rows, False) for rows in mbs]
+        """(rows, is_dummy) of the micro-batches this rank runs: dealt round-robin over ranks
+        (all of them in a world of one), padded with dummies re-running the first."""
         share = padded_share(len(mbs), self.ranks.rank, self.ranks.world)
         return [(mbs[0], True) if i is None else (mbs[i], False) for i in share]
 
@@ -113,9 +112,7 @@ class Trainer:
             logp, _ = self.forward_logp(model, mb)
             if not dummy:
                 out[rows, : logp.shape[1]] = logp.cpu().to(out.dtype)
-        if self.ranks is not None:  # rows other ranks computed are 0 here: a sum completes it
-            out = self.ranks.all_reduce_sum(out)
-        return out
+        return self.ranks.all_reduce_sum(out)  # rows other ranks computed are 0 here
 
     def _logp_dtype(self) -> torch.dtype:
         """Log-prob dtype of a forward: float32 under autocast or for half weights."""
@@ -138,9 +135,8 @@ class Trainer:
             for rows in mini_batches(packed, actor.ppo_mini_batch_size):
                 stepped = self._mini_batch(packed, rows, old, ref, sums)
                 steps += int(stepped)
-        if self.ranks is not None:  # token-weighted figures were summed per rank
-            local = {k: v for k, v in sums.items() if k not in _GLOBAL_FIGURES}
-            sums.update(self.ranks.sum_dicts(local))
+        local = {k: v for k, v in sums.items() if k not in _GLOBAL_FIGURES}
+        sums.update(self.ranks.sum_dicts(local))  # token-weighted figures were summed per rank
         return self._summary(batch, packed, sums, steps)
 
     def _mini_batch(self, packed, rows, old, ref, sums) -> bool:
@@ -174,10 +170,9 @@ class Trainer:
             for k, v in m.items():
                 sums[k] += float(v) * tokens
             sums["_tokens"] += tokens
-        if self.ranks is not None:  # every rank must agree on the skip test below
-            total_loss = float(
-                self.ranks.all_reduce_sum(torch.tensor([total_loss], dtype=torch.float64))[0]
-            )
+        total_loss = float(  # every rank must agree on the skip test below
+            self.ranks.all_reduce_sum(torch.tensor([total_loss], dtype=torch.float64))[0]
+        )
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), actor.optim.grad_clip)
         if isinstance(grad_norm, DTensor):  # FSDP2: already the global norm, replicated
             grad_norm = grad_norm.full_tensor()

@@ -1,9 +1,8 @@
-"""Turning a rollout group into a scored group: verifier + soft overlong punishment."""
+"""Turning a rollout group into a scored group: verifier verdicts + soft overlong punishment."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from dapo.algorithm.overlong import overlong_penalty
 from dapo.reward.verify import Verdict, verify
@@ -11,22 +10,23 @@ from proto.messages import RolloutGroup, ScoredGroup, ScoredSample
 from proto.runspec import RewardConfig
 
 
-def score_texts(
+def verify_texts(
     texts: Sequence[str], ground_truth: str, mode: str, timeout_s: float
 ) -> list[Verdict]:
+    """The verifier's verdict on each decoded response of one group (picklable: it runs in
+    the reward service's process pool when it has one)."""
     return [verify(t, ground_truth, mode=mode, timeout_s=timeout_s) for t in texts]
 
 
 def score_group(
     group: RolloutGroup,
-    texts: Sequence[str],
+    verdicts: Sequence[Verdict],
     cfg: RewardConfig,
     max_response_length: int,
-    scorer: Callable[..., list[Verdict]] = score_texts,
+    seconds: float = 0.0,
 ) -> ScoredGroup:
-    """``texts[i]`` is the decoded response of ``group.samples[i]``."""
-    start = time.perf_counter()
-    verdicts = scorer(texts, group.ground_truth, cfg.mode, cfg.timeout_s)
+    """``verdicts[i]`` judges ``group.samples[i]``; the score adds the soft overlong penalty
+    (when ``cfg.overlong_buffer.enable``) to the verifier's +1 / -1."""
     ob = cfg.overlong_buffer
     samples = []
     for sample, verdict in zip(group.samples, verdicts, strict=True):
@@ -50,4 +50,4 @@ def score_group(
             )
         )
     fields = group.model_dump(exclude={"samples"})
-    return ScoredGroup(**fields, samples=samples, reward_seconds=time.perf_counter() - start)
+    return ScoredGroup(**fields, samples=samples, reward_seconds=seconds)

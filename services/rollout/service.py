@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -58,11 +59,20 @@ def to_params(task: PromptTask) -> SamplingParams:
     )
 
 
+class WeightUpdates(Protocol):
+    """Where new policy weights come from (``dapo.weights.receiver.WeightReceiver``)."""
+
+    def poll(self, timeout_s: float = 0.0) -> int | None:
+        """Take part in a pending update, loading it into the engine: the new version, or
+        None when there was none. Raises ``WeightSyncError`` when an update failed."""
+        ...
+
+
 @dataclass
 class RolloutWorker:
     rt: ServiceContext
     engine: InferenceEngine
-    receiver: object  # dapo.weights.receiver.WeightReceiver
+    receiver: WeightUpdates
     engine_name: str
     version: int = 0
     max_prompts: int = 8

@@ -231,19 +231,24 @@ class Sampler:
                 self.metrics.stream_lag.labels(stream, group).set(max(lag.lag, 0))
                 self.metrics.stream_pending.labels(stream, group).set(lag.pending)
 
+    def tick(self) -> None:
+        """One turn of the service loop: idle while paused, else a step; a step that finds the
+        run cannot go on (the dynamic-sampling budget is spent) fails the run, then raises."""
+        if self.rt.paused():
+            self.rt.idle(0.5)
+            return
+        try:
+            self.step()
+        except RuntimeError as exc:
+            self.rt.fail(str(exc))
+            raise
+
 
 def serve(rt: ServiceContext, source: PromptSource) -> None:
     sampler = Sampler(rt, rt.spec, source, SamplerMetrics(rt.registry))
     last_log = 0.0
     while not rt.stopping():
-        if rt.paused():
-            rt.idle(0.5)
-            continue
-        try:
-            sampler.step()
-        except RuntimeError as exc:  # e.g. the dynamic-sampling budget is exhausted
-            rt.fail(str(exc))
-            raise
+        sampler.tick()
         if time.monotonic() - last_log > 10:
             last_log = time.monotonic()
             log.info("account %s", sampler.account())

@@ -23,11 +23,9 @@ import redis
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.learner.distributed import (
-    Ranks,
-    padded_share,
-    read_sharded_optimizer_state,
-)
+from services.learner.distributed import read_sharded_optimizer_state
+from services.learner.policy import read_rank_optimizer_state
+from services.learner.ranks import GroupRanks, SoloRanks, padded_share
 
 ROOT = Path(__file__).resolve().parents[3]
 CONFIGS = [  # both deal 3 micro-batches over 2 ranks: rank 1 runs a dummy
@@ -88,7 +86,9 @@ def test_sharded_checkpoint_reloads_and_resumes(two_rank_run):
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == 1
     with pytest.raises(RuntimeError, match="written by 2 learner rank"):
-        read_sharded_optimizer_state(ckpt, state, Ranks(0, 3, "cpu"))
+        read_sharded_optimizer_state(ckpt, state, GroupRanks(0, 3, "cpu"))
+    with pytest.raises(RuntimeError, match="holds optimizer shards of 2 ranks"):
+        read_rank_optimizer_state(ckpt, state, SoloRanks())  # one process cannot resume it
 
 
 def _start_sharded_learner(stack, redis_url: str, index: int):
@@ -200,11 +200,11 @@ def _worker(out: Path) -> None:
 
     from services.learner.distributed import (
         full_params,
-        init_ranks,
         load_local_optimizer_state,
         save_sharded_checkpoint,
         shard_model,
     )
+    from services.learner.ranks import init_ranks
     from services.learner.trainer import Trainer
     from tests.services.learner.test_trainer import rollout_batch, spec, tiny_model
 
