@@ -22,6 +22,7 @@ from dapo.cli.evaluate import EvalSpec, evaluate_model_dir
 from dapo.cli.local import LocalRun
 from dapo.data.dataset import load_default_or_files
 from dapo.runtime.config import load_run_spec
+from proto.messages import SamplingParams
 
 STEPS_TO_80 = int(os.environ.get("DAPO_BENCH_E2E_STEPS", "700"))
 STEPS_RATIO = int(os.environ.get("DAPO_BENCH_RATIO_STEPS", "80"))
@@ -56,7 +57,10 @@ def seconds_to(run_dir: Path, target: float) -> float:
     for ckpt in ckpts:
         step = int(ckpt.name.split("_")[1])
         acc = evaluate_model_dir(
-            ckpt, rows, EvalSpec(n=2, top_p=1.0, max_new_tokens=16), progress=False
+            ckpt,
+            rows,
+            EvalSpec(SamplingParams(n=2, top_p=1.0, max_new_tokens=16, seed=0)),
+            progress=False,
         )["acc/mean@2"]
         print(f"   step {step:4d}  t={times.get(step, 0):6.1f}s  held-out acc {acc:.3f}")
         if acc >= target:

@@ -14,8 +14,8 @@ import time
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from dapo.engines.base import SamplingParams
 from dapo.engines.hf import HFEngine
+from proto.messages import SamplingParams
 
 
 def _model() -> Qwen2ForCausalLM:

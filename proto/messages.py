@@ -59,16 +59,30 @@ class Message(BaseModel):
     """Run the message belongs to."""
 
 
-class SamplingSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    temperature: float = Field(1.0, gt=0.0)
-    """Softmax temperature."""
+class SamplingParams(BaseModel):
+    """How to sample: the one type for it, from the sampler's prompt task through the rollout
+    worker to the engine's ``generate`` and evaluation. Hashable (frozen), so requests can be
+    grouped by it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    n: int = Field(1, ge=1, le=4096)
+    """G: completions per prompt."""
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    """Logits are divided by this before softmax; 0 means greedy decoding."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    """Nucleus mass."""
-    top_k: int = Field(-1, ge=-1)
-    """Top-k cut (-1 = off)."""
-    max_new_tokens: int = Field(ge=1)
-    """Generation budget per sample, EOS included."""
+    """Nucleus mass: draw only from the smallest set of most likely tokens holding it."""
+    top_k: int = Field(-1, ge=-1, le=1_000_000)
+    """Draw only from the k most likely tokens; -1 disables it."""
+    max_new_tokens: int = Field(16, ge=1, le=1_048_576)
+    """Generation budget per completion, in tokens (an emitted EOS counts)."""
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    """Seed of the sampling RNG; None draws fresh randomness on every call."""
+
+    @model_validator(mode="after")
+    def _top_k_on_or_off(self) -> SamplingParams:
+        if self.top_k == 0:
+            raise ValueError("top_k must be -1 (off) or >= 1, got 0")
+        return self
 
 
 class PromptTask(Message):
@@ -89,10 +103,8 @@ class PromptTask(Message):
     """Reference answer for the reward."""
     data_source: str = "unknown"
     """Dataset name, kept for per-source metrics."""
-    n: int = Field(ge=2)
-    """G: samples to generate."""
-    sampling: SamplingSpec
-    """Sampling parameters."""
+    sampling: SamplingParams
+    """Sampling parameters; ``sampling.n`` is G, the samples to generate."""
     dispatch_version: int = Field(0, ge=0)
     """Policy version current when the sampler dispatched the task."""
     created_at: float = Field(default_factory=time.time)
@@ -102,6 +114,8 @@ class PromptTask(Message):
     def _nonempty_prompt(self) -> PromptTask:
         if self.prompt_ids.size == 0:
             raise ValueError("prompt_ids is empty")
+        if self.sampling.n < 2:
+            raise ValueError(f"a group needs G >= 2 samples, got sampling.n={self.sampling.n}")
         return self
 
 

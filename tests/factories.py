@@ -8,7 +8,7 @@ from proto.messages import (
     PromptTask,
     RolloutGroup,
     Sample,
-    SamplingSpec,
+    SamplingParams,
     ScoredGroup,
     ScoredSample,
     TrainingBatch,
@@ -25,8 +25,7 @@ def prompt_task(run_id: str, i: int, n: int = 4, max_new_tokens: int = 8) -> Pro
         prompt_text=f"{i}+1=",
         prompt_ids=np.arange(1, 5 + i % 3, dtype=np.int32),
         ground_truth=str(i + 1),
-        n=n,
-        sampling=SamplingSpec(max_new_tokens=max_new_tokens),
+        sampling=SamplingParams(n=n, max_new_tokens=max_new_tokens),
     )
 
 

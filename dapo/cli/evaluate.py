@@ -16,19 +16,19 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from dapo.engines.base import SamplingParams
 from dapo.reward.verify import verify
+from proto.messages import SamplingParams
+from proto.vocab import RewardMode
 
 
 @dataclass(frozen=True)
 class EvalSpec:
-    n: int = 4
-    temperature: float = 1.0
-    top_p: float = 0.7
-    max_new_tokens: int = 1024
+    sampling: SamplingParams = SamplingParams(n=4, top_p=0.7, max_new_tokens=1024, seed=0)
+    """k = ``sampling.n`` answers per problem; the seed of problem batch b is ``seed + b``."""
     batch: int = 16
-    mode: str = "dapo"
-    seed: int = 0
+    """Problems per generation call."""
+    mode: RewardMode = "dapo"
+    """Verifier."""
 
 
 def evaluate(
@@ -46,13 +46,7 @@ def evaluate(
     bar = tqdm(total=len(rows), desc=desc, unit="problem", disable=not progress, leave=False)
     for start in range(0, len(rows), spec.batch):
         chunk = slice(start, start + spec.batch)
-        params = SamplingParams(
-            n=spec.n,
-            temperature=spec.temperature,
-            top_p=spec.top_p,
-            max_new_tokens=spec.max_new_tokens,
-            seed=spec.seed + start,
-        )
+        params = spec.sampling.model_copy(update={"seed": (spec.sampling.seed or 0) + start})
         outs = engine.generate(prompts_ids[chunk], params)
         for row, completions in zip(rows[chunk], outs, strict=True):
             texts = tokenizer.batch_decode(
@@ -70,8 +64,8 @@ def evaluate(
             truncated += sum(c.finish_reason == "length" for c in completions)
         bar.update(len(outs))
     bar.close()
-    n_samples = max(len(rows) * spec.n, 1)
-    k = spec.n
+    n_samples = max(len(rows) * spec.sampling.n, 1)
+    k = spec.sampling.n
     return {
         f"acc/mean@{k}": correct / n_samples,
         f"acc/best@{k}": best / max(len(rows), 1),
@@ -125,15 +119,14 @@ def main(args) -> int:
     rows = load_default_or_files([args.data], None, split="val")
     if args.limit:
         rows = rows[: args.limit]
-    spec = EvalSpec(
+    sampling = SamplingParams(
         n=args.n,
         temperature=args.temperature,
         top_p=args.top_p,
         max_new_tokens=args.max_new_tokens,
-        batch=args.batch,
-        mode=args.mode,
         seed=args.seed,
     )
+    spec = EvalSpec(sampling, batch=args.batch, mode=args.mode)
     figures = evaluate_model_dir(
         args.model, rows, spec, device=pick_device(args.device), template=args.template
     )

@@ -9,10 +9,11 @@ import secrets
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from tqdm import tqdm
 
 from dapo.cli.evaluate import EvalSpec, evaluate_model_dir
@@ -26,9 +27,18 @@ from dapo.runtime.runs import RunStore
 from dapo.transport.redis_bus import connect
 from dapo.transport.redis_embed import EmbeddedRedis
 from proto.lifecycle import FINAL
+from proto.messages import SamplingParams
 from proto.runspec import RunSpec
 
-CACHE_DIR = os.environ.get("DAPO_CACHE_DIR") or None  # None: the repository's .cache/
+
+class LocalSettings(BaseSettings):
+    """Where ``dapo up`` finds Redis and the default task (DAPO_* environment variables)."""
+
+    model_config = SettingsConfigDict(env_prefix="DAPO_", extra="ignore", frozen=True)
+    redis_url: str = ""
+    """Redis to run in (DAPO_REDIS_URL); empty: start an embedded one."""
+    cache_dir: str = ""
+    """Where the default task is built (DAPO_CACHE_DIR); empty: the repository's .cache/."""
 
 
 @dataclass
@@ -37,17 +47,22 @@ class LocalRun:
     rollout_workers: int = 1
     skip_eval: bool = False
     eval_n: int | None = None
+    settings: LocalSettings = field(default_factory=LocalSettings)
+
+    @property
+    def cache_dir(self) -> str | None:
+        return self.settings.cache_dir or None
 
     def eval_spec(self) -> EvalSpec:
         vk = self.spec.rollout.val_kwargs
-        return EvalSpec(
+        sampling = SamplingParams(
             n=self.eval_n or vk.n,
             temperature=vk.temperature,
             top_p=vk.top_p,
             max_new_tokens=self.spec.data.max_response_length,
-            mode=self.spec.reward.mode,
             seed=self.spec.data.seed,
         )
+        return EvalSpec(sampling, mode=self.spec.reward.mode)
 
     def evaluate(self, model_dir: Path, desc: str) -> dict[str, float]:
         d = self.spec.data
@@ -63,13 +78,15 @@ class LocalRun:
 
     def prepare(self) -> Path:
         """Everything that can reject the run, before any process starts."""
-        model_dir = resolve_model_dir(self.spec.model, CACHE_DIR, progress=True)
+        model_dir = resolve_model_dir(self.spec.model, self.cache_dir, progress=True)
         key = self.spec.data.prompt_key
         # every row is validated here, so a bad one stops the run before anything starts
-        train = load_default_or_files(self.spec.data.train_files, CACHE_DIR, prompt_key=key)
-        PromptSource(train, load_tokenizer(self.spec.model, CACHE_DIR), self.spec.data).check_all()
+        train = load_default_or_files(self.spec.data.train_files, self.cache_dir, prompt_key=key)
+        PromptSource(
+            train, load_tokenizer(self.spec.model, self.cache_dir), self.spec.data
+        ).check_all()
         self.val_rows = load_default_or_files(
-            self.spec.data.val_files, CACHE_DIR, split="val", prompt_key=key
+            self.spec.data.val_files, self.cache_dir, split="val", prompt_key=key
         )
         return model_dir
 
@@ -81,7 +98,7 @@ class LocalRun:
         t_start = time.time()
         print(f"preparing (model, data) for run spec '{self.spec.name}' ...", flush=True)
         model_dir = self.prepare()
-        url = os.environ.get("DAPO_REDIS_URL")
+        url = self.settings.redis_url
         with contextlib.ExitStack() as stack:
             if not url:
                 url = stack.enter_context(EmbeddedRedis()).url
@@ -93,7 +110,7 @@ class LocalRun:
             write_config(run_dir, self.spec)
             print(f"run {run_id} -> {run_dir}")
             before = {} if self.skip_eval else self.evaluate(model_dir, "eval before")
-            k = self.eval_spec().n
+            k = self.eval_spec().sampling.n
             if before:
                 print(f"held-out acc/mean@{k} before training: {before[f'acc/mean@{k}']:.3f}")
             services = Stack(url, run_id, run_dir, threads=self._threads())
@@ -172,7 +189,7 @@ class LocalRun:
     def _finish(self, client, run_id, run_dir, before, train_s, t_start) -> int:
         final = RunStore(client).state(run_id).final_checkpoint
         final_dir = Path(final) if final else None
-        k = self.eval_spec().n
+        k = self.eval_spec().sampling.n
         after = {}
         if not self.skip_eval and final_dir is not None:
             after = self.evaluate(final_dir, "eval after")

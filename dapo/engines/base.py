@@ -32,39 +32,9 @@ from typing import Literal, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from proto.messages import SamplingParams
+
 FinishReason = Literal["stop", "length"]
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to sample the completions of one ``generate`` call."""
-
-    n: int = 1
-    """G: completions per prompt."""
-    temperature: float = 1.0
-    """Logits are divided by this before softmax; 0 means greedy decoding."""
-    top_p: float = 1.0
-    """Nucleus mass in (0, 1]: draw only from the smallest set of most likely tokens holding it."""
-    top_k: int = -1
-    """Draw only from the k most likely tokens; -1 disables it."""
-    max_new_tokens: int = 16
-    """Generation budget per completion, in tokens (an emitted EOS counts)."""
-    seed: int | None = None
-    """Seed of the sampling RNG; None draws fresh randomness on every call."""
-
-    def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
-        if not self.temperature >= 0.0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k != -1 and self.top_k < 1:
-            raise ValueError(f"SamplingParams.top_k must be -1 (off) or >= 1, got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise ValueError(
-                f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}"
-            )
 
 
 @dataclass(frozen=True, eq=False)

@@ -19,7 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, GenerationConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from dapo.engines.base import Completion, SamplingParams, tensors_checksum
+from dapo.engines.base import Completion, tensors_checksum
+from proto.messages import SamplingParams
 
 EosSource = int | Sequence[int] | PreTrainedTokenizerBase | None
 

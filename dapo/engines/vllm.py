@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from dapo.engines.base import Completion, SamplingParams, tensors_checksum
+from dapo.engines.base import Completion, tensors_checksum
 from dapo.engines.hf import EosSource, resolve_eos_token_ids
 from dapo.engines.vllm_settings import VLLMSettings
 from dapo.engines.vllm_support import (
@@ -63,6 +63,7 @@ from dapo.engines.vllm_support import (
     vllm_memory_fraction,
     vllm_sampling_kwargs,
 )
+from proto.messages import SamplingParams
 
 EXTENSION_CLS = "dapo.engines.vllm.DapoWorkerExtension"
 MIB = 1 << 20

@@ -45,7 +45,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from dapo.engines.base import Completion, SamplingParams
+from dapo.engines.base import Completion
+from proto.messages import SamplingParams
 
 WRAPPER_COMPONENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 LEADING_WRAPPERS = ("module",)  # DDP; only as the first component

@@ -23,7 +23,7 @@ from dapo.weights.sender import WeightSender
 from services.learner.checkpoint import newest_checkpoint
 from services.learner.distributed import meta_params
 from services.learner.policy import Policy, build_policy
-from services.learner.ranks import Ranks, SoloRanks, init_ranks, world_size
+from services.learner.ranks import Ranks, SoloRanks, init_ranks
 from services.learner.service import LearnerLoop
 
 log = logging.getLogger(__name__)
@@ -36,18 +36,22 @@ class LearnerSettings(ServiceSettings):
     """Address rollout workers reach the learner's weight-sync store on (DAPO_SYNC_HOST)."""
     sync_port: int = Field(0, ge=0, le=65535)
     """Port of the weight-sync store (0 = a free one)."""
+    world_size: int = Field(1, ge=1, le=65536, validation_alias="WORLD_SIZE")
+    """Learner ranks, set by torchrun (WORLD_SIZE); 1 for a plain process."""
+    local_rank: int = Field(0, ge=0, le=1024, validation_alias="LOCAL_RANK")
+    """This rank's GPU on its node, set by torchrun (LOCAL_RANK)."""
 
 
 def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def join_ranks(device_setting: str) -> Ranks:
+def join_ranks(settings: LearnerSettings) -> Ranks:
     """The torchrun group when started by torchrun with several ranks, else a world of one
     (no process group is ever initialised)."""
-    if world_size() > 1:
-        return init_ranks(device_setting)
-    return SoloRanks(pick_device(device_setting))
+    if settings.world_size > 1:
+        return init_ranks(settings.device, settings.local_rank)
+    return SoloRanks(pick_device(settings.device))
 
 
 def open_sender(rt: ServiceRuntime, policy: Policy, settings: LearnerSettings) -> WeightSender:
@@ -121,7 +125,7 @@ def follow(settings: LearnerSettings, ranks: Ranks) -> None:
 def run(settings: LearnerSettings) -> None:
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    ranks = join_ranks(settings.device)
+    ranks = join_ranks(settings)
     log.info("learner rank %d of %d on %s", ranks.rank, ranks.world, ranks.device)
     try:
         if ranks.rank == 0:

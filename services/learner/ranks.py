@@ -10,7 +10,6 @@ group plus the gloo side group that carries rank 0's commands to the others
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
@@ -122,18 +121,14 @@ class GroupRanks:
         dist.destroy_process_group()
 
 
-def world_size() -> int:
-    """Ranks torchrun started (1 for a plain process)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def init_ranks(device_setting: str = "auto") -> GroupRanks:
-    """Joins the torchrun group: NCCL and cuda:LOCAL_RANK on GPU, gloo on CPU."""
+def init_ranks(device_setting: str = "auto", local_rank: int = 0) -> GroupRanks:
+    """Joins the torchrun group (its rendezvous comes from torchrun's environment): NCCL and
+    cuda:<local_rank> on GPU, gloo on CPU."""
     use_cuda = device_setting != "cpu" and torch.cuda.is_available()
     if device_setting == "cuda" and not use_cuda:
         raise RuntimeError("device 'cuda' requested but no CUDA GPU is visible")
     if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        local = local_rank
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     else:

@@ -16,11 +16,11 @@ from typing import Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from dapo.engines.base import InferenceEngine, SamplingParams
+from dapo.engines.base import InferenceEngine
 from dapo.runtime.service import ServiceContext
 from dapo.transport.bus import Delivery
 from dapo.weights.registry import WeightSyncError
-from proto.messages import PromptTask, RolloutGroup, Sample
+from proto.messages import PromptTask, RolloutGroup, Sample, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +46,6 @@ class RolloutMetrics:
             "Time to receive and load a weight update",
             registry=registry,
         )
-
-
-def to_params(task: PromptTask) -> SamplingParams:
-    s = task.sampling
-    return SamplingParams(
-        n=task.n,
-        temperature=s.temperature,
-        top_p=s.top_p,
-        top_k=s.top_k,
-        max_new_tokens=s.max_new_tokens,
-    )
 
 
 class WeightUpdates(Protocol):
@@ -99,7 +88,7 @@ class RolloutWorker:
         # one engine call per distinct sampling setting (a run normally has one)
         by_params: dict[SamplingParams, list[Delivery[PromptTask]]] = {}
         for d in deliveries:
-            by_params.setdefault(to_params(d.message), []).append(d)
+            by_params.setdefault(d.message.sampling, []).append(d)
         groups = []
         for params, items in by_params.items():
             t0 = time.perf_counter()
@@ -127,7 +116,7 @@ class RolloutWorker:
             prompt_ids=task.prompt_ids,
             ground_truth=task.ground_truth,
             data_source=task.data_source,
-            n=task.n,
+            n=task.sampling.n,
             policy_version=self.version,
             dispatch_version=task.dispatch_version,
             worker_id=self.rt.worker_id,

@@ -23,7 +23,7 @@ from dapo.transport.bus import Delivery
 from proto.messages import (
     BatchStats,
     PromptTask,
-    SamplingSpec,
+    SamplingParams,
     ScoredGroup,
     TrainingBatch,
 )
@@ -152,8 +152,8 @@ class Sampler:
             prompt_ids=item.token_ids,
             ground_truth=item.ground_truth,
             data_source=item.data_source,
-            n=ro.n,
-            sampling=SamplingSpec(
+            sampling=SamplingParams(
+                n=ro.n,
                 temperature=ro.temperature,
                 top_p=ro.top_p,
                 top_k=ro.top_k,

@@ -12,7 +12,7 @@ from proto.messages import (
     PromptTask,
     RolloutGroup,
     Sample,
-    SamplingSpec,
+    SamplingParams,
     ScoredGroup,
     ScoredSample,
     TrainingBatch,
@@ -68,8 +68,7 @@ def make_prompt_task(rng) -> PromptTask:
         prompt_text="1+1=",
         prompt_ids=rng.integers(0, 1000, 9, dtype=np.int32),
         ground_truth="2",
-        n=4,
-        sampling=SamplingSpec(max_new_tokens=16, top_p=0.9),
+        sampling=SamplingParams(n=4, max_new_tokens=16, top_p=0.9),
     )
 
 

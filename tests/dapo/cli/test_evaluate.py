@@ -16,6 +16,7 @@ from dapo.cli.evaluate import EvalSpec, evaluate_model_dir
 from dapo.data.dataset import load_dataset
 from dapo.data.task.model import ModelShape, build_model
 from dapo.data.task.tokenizer import save_byte_tokenizer
+from proto.messages import SamplingParams
 from tests.e2e_helpers import make_dataset, make_model_dir
 
 AIME = Path(__file__).resolve().parents[4] / "shared" / "data" / "aime-2024.parquet"
@@ -91,7 +92,7 @@ def test_eval_counts_correct_answers(tmp_path):
     overfit(model_dir, "0+1=", "Answer: 7")
     rows = load_dataset([make_dataset(tmp_path / "d.jsonl", n=1)])  # "0+1=", ground truth "1"
     right = replace(rows[0], ground_truth="7")
-    spec = EvalSpec(n=4, temperature=1.0, top_p=1.0, max_new_tokens=12)
+    spec = EvalSpec(SamplingParams(n=4, temperature=1.0, top_p=1.0, max_new_tokens=12, seed=0))
     figures = evaluate_model_dir(model_dir, [right, rows[0]], spec, progress=False)
     # one problem always right, one always wrong (hand-derived: 4/8 samples, 1/2 problems)
     assert figures["acc/mean@4"] == 0.5

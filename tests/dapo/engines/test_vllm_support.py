@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from dapo.engines.base import SamplingParams
 from dapo.engines.vllm_support import (
     GateTimeout,
     GenerationAborted,
@@ -42,6 +41,7 @@ from dapo.engines.vllm_support import (
     vllm_sampling_kwargs,
 )
 from dapo.weights.buckets import BucketLayout, FlatBuffers
+from proto.messages import SamplingParams
 
 EOS = (1, 2)
 WAIT = 5.0  # generous bound for events that must happen

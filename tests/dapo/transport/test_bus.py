@@ -7,30 +7,12 @@ import sys
 import textwrap
 import time
 
-import numpy as np
 import redis
 
 from dapo.transport.bus import BusSettings
 from dapo.transport.redis_bus import RedisBus
 from proto.codec import encode
-from proto.messages import PromptTask, SamplingSpec, WeightVersion
-
-
-def task(run_id: str, i: int) -> PromptTask:
-    return PromptTask(
-        run_id=run_id,
-        group_id=f"g{i}",
-        prompt_id=f"p{i}",
-        prompt_text=f"{i}+1=",
-        prompt_ids=np.arange(1, 5 + i % 3, dtype=np.int32),
-        ground_truth=str(i + 1),
-        n=4,
-        sampling=SamplingSpec(max_new_tokens=8),
-    )
-
-
-def version(run_id: str, v: int) -> WeightVersion:
-    return WeightVersion(run_id=run_id, version=v, step=v, checksum=f"c{v}", num_bytes=0)
+from tests.factories import prompt_task, weight_version
 
 
 def make_bus(url: str, run_id: str, **kw) -> RedisBus:
@@ -40,7 +22,7 @@ def make_bus(url: str, run_id: str, **kw) -> RedisBus:
 def test_publish_consume_ack(redis_url, run_id):
     bus = make_bus(redis_url, run_id)
     for i in range(5):
-        assert bus.publish("prompts", task(run_id, i)) is not None
+        assert bus.publish("prompts", prompt_task(run_id, i)) is not None
     got = bus.consume("prompts", "rollout", "w0", count=10, block_ms=100)
     assert [d.message.group_id for d in got] == [f"g{i}" for i in range(5)]
     assert bus.lag("prompts")["rollout"].pending == 5
@@ -52,8 +34,8 @@ def test_publish_consume_ack(redis_url, run_id):
 
 def test_dedupe_key_makes_republishing_harmless(redis_url, run_id):
     bus = make_bus(redis_url, run_id)
-    assert bus.publish("prompts", task(run_id, 1), dedupe_key="g1") is not None
-    assert bus.publish("prompts", task(run_id, 1), dedupe_key="g1") is None
+    assert bus.publish("prompts", prompt_task(run_id, 1), dedupe_key="g1") is not None
+    assert bus.publish("prompts", prompt_task(run_id, 1), dedupe_key="g1") is None
     assert bus.length("prompts") == 1
 
 
@@ -88,7 +70,7 @@ def _survivor_processes(bus: RedisBus, run_id: str) -> None:
     while time.monotonic() < deadline:
         got = bus.consume("prompts", "rollout", "survivor", count=4, block_ms=100)
         for d in got:
-            out = version(run_id, 1).model_copy(update={"checksum": d.message.group_id})
+            out = weight_version(run_id, 1).model_copy(update={"checksum": d.message.group_id})
             bus.commit(stream="versions", msg=out, dedupe_key=d.message.group_id, ack=[d])
         if not got and bus.lag("prompts")["rollout"].pending == 0:
             return
@@ -97,7 +79,7 @@ def _survivor_processes(bus: RedisBus, run_id: str) -> None:
 
 def test_crashed_consumer_entry_is_reclaimed_exactly_once(redis_url, run_id):
     bus = make_bus(redis_url, run_id, claim_idle_ms=200, claim_interval_s=0.0)
-    bus.publish("prompts", task(run_id, 7))
+    bus.publish("prompts", prompt_task(run_id, 7))
     _crash_consumer(redis_url, run_id, publish_first=False)
     assert bus.lag("prompts")["rollout"].pending == 1
     time.sleep(0.3)
@@ -108,7 +90,7 @@ def test_crashed_consumer_entry_is_reclaimed_exactly_once(redis_url, run_id):
 
 def test_crash_after_downstream_publish_does_not_duplicate(redis_url, run_id):
     bus = make_bus(redis_url, run_id, claim_idle_ms=200, claim_interval_s=0.0)
-    bus.publish("prompts", task(run_id, 8))
+    bus.publish("prompts", prompt_task(run_id, 8))
     _crash_consumer(redis_url, run_id, publish_first=True)
     time.sleep(0.3)
     _survivor_processes(bus, run_id)
@@ -120,13 +102,13 @@ def test_poison_messages_go_to_dead_letters_and_consumer_keeps_going(redis_url, 
     bus = make_bus(redis_url, run_id)
     key = bus.key("prompts")
     bus.client.xadd(key, {"garbage": "yes"})
-    future = encode(task(run_id, 1))
+    future = encode(prompt_task(run_id, 1))
     future["v"] = b"2"
     bus.client.xadd(key, future)
-    wrong_shape = encode(task(run_id, 2))
+    wrong_shape = encode(prompt_task(run_id, 2))
     wrong_shape["h"] = wrong_shape["h"].replace(b'"n":4', b'"n":1')
     bus.client.xadd(key, wrong_shape)
-    bus.publish("prompts", task(run_id, 3))
+    bus.publish("prompts", prompt_task(run_id, 3))
     got = bus.consume("prompts", "rollout", "w0", count=10, block_ms=100)
     assert [d.message.group_id for d in got] == ["g3"]
     dead = bus.client.xrange(bus.dead_key)
@@ -142,7 +124,7 @@ def test_poison_messages_go_to_dead_letters_and_consumer_keeps_going(redis_url, 
 
 def test_message_failing_n_deliveries_is_dead_lettered(redis_url, run_id):
     bus = make_bus(redis_url, run_id, max_deliveries=3)
-    bus.publish("prompts", task(run_id, 1))
+    bus.publish("prompts", prompt_task(run_id, 1))
     seen = 0
     for _ in range(6):
         for d in bus.consume("prompts", "rollout", "w0", count=1, block_ms=50):
@@ -158,7 +140,7 @@ def test_trimming_keeps_stream_bounded_but_never_drops_unacked(redis_url, run_id
     bus = make_bus(redis_url, run_id, trim_every=16)
     bus.ensure_group("prompts", "rollout")
     for i in range(400):
-        bus.publish("prompts", task(run_id, i))
+        bus.publish("prompts", prompt_task(run_id, i))
         for d in bus.consume("prompts", "rollout", "w0", count=4, block_ms=10):
             bus.ack(d)
     assert bus.length("prompts") <= 32
@@ -166,7 +148,7 @@ def test_trimming_keeps_stream_bounded_but_never_drops_unacked(redis_url, run_id
     bus.ensure_group("prompts", "slow")
     stuck = bus.consume("prompts", "slow", "s0", count=1, block_ms=10)
     for i in range(100):
-        bus.publish("prompts", task(run_id, 1000 + i))
+        bus.publish("prompts", prompt_task(run_id, 1000 + i))
     bus.trim("prompts")
     ids = [e[0].decode() for e in bus.client.xrange(bus.key("prompts"))]
     assert stuck[0].entry_id in ids
@@ -187,7 +169,7 @@ class AckBeforePending(redis.Redis):
 def test_trim_survives_entries_acked_between_its_reads(redis_url, run_id):
     bus = RedisBus(AckBeforePending.from_url(redis_url), run_id, BusSettings())
     for i in range(6):
-        bus.publish("prompts", task(run_id, i))
+        bus.publish("prompts", prompt_task(run_id, i))
     got = bus.consume("prompts", "rollout", "w0", count=4, block_ms=10)
     assert bus.lag("prompts")["rollout"].pending == 4
     assert bus.trim("prompts") >= 0  # raised ValueError ('None' is not an int) before
@@ -198,7 +180,7 @@ def test_trim_survives_entries_acked_between_its_reads(redis_url, run_id):
 
 def test_two_runs_are_isolated(redis_url):
     a, b = make_bus(redis_url, "run-a"), make_bus(redis_url, "run-b")
-    a.publish("prompts", task("run-a", 1))
+    a.publish("prompts", prompt_task("run-a", 1))
     assert b.consume("prompts", "rollout", "w0", block_ms=50) == []
     assert len(a.consume("prompts", "rollout", "w0", block_ms=50)) == 1
     assert a.key("prompts") != b.key("prompts")
@@ -208,7 +190,7 @@ def test_lag_counts_undelivered_entries(redis_url, run_id):
     bus = make_bus(redis_url, run_id)
     bus.ensure_group("prompts", "rollout")
     for i in range(7):
-        bus.publish("prompts", task(run_id, i))
+        bus.publish("prompts", prompt_task(run_id, i))
     bus.consume("prompts", "rollout", "w0", count=3, block_ms=10)
     lag = bus.lag("prompts")["rollout"]
     assert (lag.pending, lag.lag) == (3, 4)
@@ -217,9 +199,9 @@ def test_lag_counts_undelivered_entries(redis_url, run_id):
 def test_commit_acks_many_and_counts_once_per_dedupe_key(redis_url, run_id):
     bus = make_bus(redis_url, run_id)
     for i in range(3):
-        bus.publish("prompts", task(run_id, i))
+        bus.publish("prompts", prompt_task(run_id, i))
     got = bus.consume("prompts", "sampler", "s0", count=3, block_ms=50)
-    out = version(run_id, 1)
+    out = weight_version(run_id, 1)
     assert (
         bus.commit(
             stream="versions",

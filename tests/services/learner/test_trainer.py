@@ -9,9 +9,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from dapo.engines.base import SamplingParams
 from dapo.engines.hf import HFEngine
-from proto.messages import BatchStats, ScoredGroup, ScoredSample, TrainingBatch
+from proto.messages import BatchStats, SamplingParams, ScoredGroup, ScoredSample, TrainingBatch
 from proto.runspec import RunSpec
 from services.learner.batching import pack_batch
 from services.learner.checkpoint import (

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from proto.messages import ScoredGroup, ScoredSample
+from proto.messages import ScoredGroup
 from proto.runspec import AlgorithmConfig
 from services.sampler.batcher import (
     BatchAssembler,
@@ -13,35 +12,11 @@ from services.sampler.batcher import (
     classify,
     versions_newer_than,
 )
+from tests.factories import scored_group
 
 
 def group(accs: list[bool], version: int = 0, gid: str = "g") -> ScoredGroup:
-    samples = [
-        ScoredSample(
-            response_ids=[5, 6],
-            logprobs=[-0.1, -0.2],
-            finish_reason="stop",
-            score=1.0 if a else -1.0,
-            acc=a,
-            overlong_penalty=0.0,
-            length=2,
-            truncated=False,
-        )
-        for a in accs
-    ]
-    return ScoredGroup(
-        run_id="r",
-        group_id=gid,
-        prompt_id="p",
-        prompt_ids=np.array([1, 2]),
-        ground_truth="1",
-        n=len(accs),
-        policy_version=version,
-        worker_id="w",
-        engine="hf",
-        gen_seconds=0.0,
-        samples=samples,
-    )
+    return scored_group("r", gid, accs, version)
 
 
 def test_versions_newer_than():

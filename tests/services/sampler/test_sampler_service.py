@@ -3,7 +3,6 @@ and a restart that resumes its cursor and held groups from Redis."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 from transformers import AutoTokenizer
@@ -14,43 +13,15 @@ from dapo.runtime.config import ServiceSettings
 from dapo.runtime.runs import RunStore
 from dapo.runtime.service import ServiceRuntime
 from dapo.transport.redis_bus import RedisBus
-from proto.messages import ScoredGroup, ScoredSample, WeightVersion
+from proto.messages import WeightVersion
 from services.sampler.service import Sampler, SamplerMetrics
 from tests.e2e_helpers import make_dataset, make_model_dir, small_spec
+from tests.factories import scored_group
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return make_model_dir(tmp_path_factory.mktemp("model"))
-
-
-def scored(run_id: str, gid: str, accs: list[bool], version: int) -> ScoredGroup:
-    samples = [
-        ScoredSample(
-            response_ids=[65, 256],
-            logprobs=[-0.5, -0.1],
-            finish_reason="stop",
-            score=1.0 if a else -1.0,
-            acc=a,
-            overlong_penalty=0.0,
-            length=2,
-            truncated=False,
-        )
-        for a in accs
-    ]
-    return ScoredGroup(
-        run_id=run_id,
-        group_id=gid,
-        prompt_id="p",
-        prompt_ids=np.array([49, 43]),
-        ground_truth="2",
-        n=len(accs),
-        policy_version=version,
-        worker_id="w",
-        engine="hf",
-        gen_seconds=0.0,
-        samples=samples,
-    )
 
 
 def new_sampler(rt, spec, model_dir, data) -> Sampler:
@@ -85,10 +56,12 @@ def test_sampler_flow_and_restart(model_dir, tmp_path, redis_url):
                 "versions",
                 WeightVersion(run_id=run_id, version=v, step=v, checksum="c", num_bytes=0),
             )
-        rt.bus.publish("scored", scored(run_id, "s0", [True, False, True, False], 0))  # 2 stale
-        rt.bus.publish("scored", scored(run_id, "s1", [True] * 4, 2))
-        rt.bus.publish("scored", scored(run_id, "s2", [False] * 4, 2))
-        rt.bus.publish("scored", scored(run_id, "s3", [True, False, False, False], 1))
+        rt.bus.publish(
+            "scored", scored_group(run_id, "s0", [True, False, True, False], 0)
+        )  # 2 stale
+        rt.bus.publish("scored", scored_group(run_id, "s1", [True] * 4, 2))
+        rt.bus.publish("scored", scored_group(run_id, "s2", [False] * 4, 2))
+        rt.bus.publish("scored", scored_group(run_id, "s3", [True, False, False, False], 1))
         sampler.step()
         acc = store.account(run_id)
         assert (acc["dropped_stale"], acc["filtered_all_correct"], acc["filtered_all_wrong"]) == (
@@ -105,7 +78,7 @@ def test_sampler_flow_and_restart(model_dir, tmp_path, redis_url):
             rt.bus.consume("scored", "sampler", "sampler-0", count=10, block_ms=10, reclaim=False)
         )
         assert len(restarted._assembler.held) == 1
-        rt.bus.publish("scored", scored(run_id, "s4", [False, True, False, True], 2))
+        rt.bus.publish("scored", scored_group(run_id, "s4", [False, True, False, True], 2))
         restarted.step()
         acc = store.account(run_id)
         assert acc["batches"] == 1 and acc["trained"] == 2
