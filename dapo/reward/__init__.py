@@ -1,0 +1,2 @@
+"""Rule-based answer verification (``verify``: DAPO-compatible, boxed, Math-Verify) and the
+answer normalisation it uses (``normalize``)."""

@@ -8,10 +8,10 @@ directory and later calls return the cached paths at once.
 from dapo.data.task.prepare import (
     DEFAULT_CACHE_DIR,
     DefaultTask,
-    TaskSpec,
     load_default_task,
     prepare_default_task,
 )
+from dapo.data.task.spec import TaskSpec
 
 DEFAULT_TASK_NAME = "default-task"
 

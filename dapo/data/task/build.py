@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dapo.data.task.model import build_model, count_parameters
 from dapo.data.task.problems import Problem, all_problems, split_problems, write_parquet
 from dapo.data.task.sft import sampled_accuracy, train_sft
+from dapo.data.task.spec import TaskSpec
 from dapo.data.task.tokenizer import save_byte_tokenizer
-
-if TYPE_CHECKING:
-    from dapo.data.task.prepare import TaskSpec
 
 # Seed offset of the final base-accuracy measurement, distinct from the seeds
 # the early-stop evaluations use (their step numbers).

@@ -18,45 +18,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dapo.data.task.model import ModelShape
-from dapo.data.task.problems import Op
-from dapo.data.task.sft import SftSettings
+from dapo.data.task.build import build_data, build_model_dir, warm_start
+from dapo.data.task.spec import TaskSpec
 
-FORMAT_VERSION = 1
 MARKER = "task.json"
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[3] / ".cache" / "default-task"
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """Everything that determines the built task; hashed into the fingerprint."""
-
-    seed: int = 0
-    max_operand: int = 99
-    ops: tuple[Op, ...] = ("+",)
-    n_val: int = 512
-    n_train: int | None = None
-    shape: ModelShape = field(default_factory=ModelShape)
-    sft: SftSettings = field(default_factory=SftSettings)
-    base_eval_samples: int = 2
-    """Samples per validation problem when measuring ``base_accuracy``."""
-    threads: int = 2
-
-    def fingerprint(self) -> str:
-        blob = json.dumps(
-            {"format": FORMAT_VERSION, **dataclasses.asdict(self)}, sort_keys=True, default=str
-        )
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -190,8 +165,6 @@ def prepare_default_task(
 def _build(root: Path, spec: TaskSpec, progress: bool) -> None:
     """Write tokenizer, data, warm-started model, then the marker (last)."""
     from transformers import AutoTokenizer
-
-    from dapo.data.task.build import build_data, build_model_dir, warm_start
 
     (root / MARKER).unlink(missing_ok=True)
     model_dir, train_file, val_file = _paths(root)
