@@ -42,6 +42,19 @@ def in_flight_on_streams(client: redis.Redis, run_id: str) -> int:
     return total
 
 
+def assert_account_adds_up(store, run_id: str) -> None:
+    """Every dispatched prompt is trained, filtered, dropped as stale, or still somewhere on
+    the streams: the account and the streams agree, nothing lost, nothing counted twice."""
+    account = store.account(run_id)
+    filtered = account["filtered_all_correct"] + account["filtered_all_wrong"]
+    assert account["dispatched"] == (
+        account["trained"]
+        + filtered
+        + account["dropped_stale"]
+        + in_flight_on_streams(store.client, run_id)
+    )
+
+
 def test_short_run_trains_broadcasts_and_accounts(model_dir, tmp_path, redis_url):
     spec = small_spec(model_dir, make_dataset(tmp_path / "train.jsonl"), tmp_path / "runs")
     store, stack = start_run(redis_url, spec, rollout_workers=2)
@@ -63,13 +76,7 @@ def test_short_run_trains_broadcasts_and_accounts(model_dir, tmp_path, redis_url
         stack.stop()
     account = store.account(run_id)
     assert account["batches"] == 3 and account["trained"] == 3 * spec.data.train_batch_size
-    filtered = account["filtered_all_correct"] + account["filtered_all_wrong"]
-    assert account["dispatched"] == (
-        account["trained"]
-        + filtered
-        + account["dropped_stale"]
-        + in_flight_on_streams(store.client, run_id)
-    )
+    assert_account_adds_up(store, run_id)
     final = stack.run_dir / "checkpoints" / "step_000003"
     AutoModelForCausalLM.from_pretrained(str(final))  # plain HF loading works
 
@@ -141,13 +148,7 @@ def test_a_killed_service_is_restarted_and_the_run_completes(model_dir, tmp_path
     assert store.state(run_id).restarts == {"reward-0": 1}
     account = store.account(run_id)
     assert account["batches"] == 4 and account["trained"] == 4 * spec.data.train_batch_size
-    filtered = account["filtered_all_correct"] + account["filtered_all_wrong"]
-    assert account["dispatched"] == (
-        account["trained"]
-        + filtered
-        + account["dropped_stale"]
-        + in_flight_on_streams(store.client, run_id)
-    )
+    assert_account_adds_up(store, run_id)
 
 
 def test_dataset_row_without_answer_is_reported_before_anything_starts(model_dir, tmp_path):
