@@ -31,6 +31,8 @@ def make_group(i: int = 0) -> RolloutGroup:
             response_ids=rng.integers(0, 150_000, TOKENS, dtype=np.int32),
             logprobs=-rng.random(TOKENS, dtype=np.float32),
             finish_reason="length",
+            versions=[0],
+            version_starts=[0],
         )
         for _ in range(G)
     ]

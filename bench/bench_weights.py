@@ -52,7 +52,7 @@ def make_params() -> list[tuple[str, torch.Tensor]]:
 def receiver_main(url: str, run_id: str) -> None:
     """Loads every update, then joins the raw broadcast the sender asks for."""
     torch.set_num_threads(1)
-    client = redis.Redis.from_url(url)
+    client = redis.Redis.from_url(url, socket_timeout=None)  # BLPOPs below wait up to 60 s
     params = dict(make_params())
 
     def load(views: list[tuple[str, torch.Tensor]]) -> None:
@@ -93,7 +93,8 @@ class Driver:
 def run() -> dict[str, float]:
     torch.set_num_threads(1)
     with EmbeddedRedis() as server:
-        client, run_id = redis.Redis.from_url(server.url), f"bench-{uuid.uuid4().hex[:8]}"
+        client = redis.Redis.from_url(server.url, socket_timeout=None)  # BLPOPs up to 60 s
+        run_id = f"bench-{uuid.uuid4().hex[:8]}"
         named = make_params()
         copies = [(name, tensor.clone()) for name, tensor in named]  # not in the buffers
         sender = WeightSender(client, run_id, named, timeout_s=60)

@@ -33,11 +33,13 @@ def weight_version(run_id: str, v: int) -> WeightVersion:
     return WeightVersion(run_id=run_id, version=v, step=v, checksum=f"c{v}", num_bytes=0)
 
 
-def scored_sample(acc: bool, response: tuple[int, ...] = (65, 256)) -> ScoredSample:
+def scored_sample(acc: bool, response: tuple[int, ...] = (65, 256), version: int = 0):
     return ScoredSample(
         response_ids=list(response),
         logprobs=[-0.5] * len(response),
         finish_reason="stop",
+        versions=[version],
+        version_starts=[0],
         score=1.0 if acc else -1.0,
         acc=acc,
         overlong_penalty=0.0,
@@ -61,7 +63,7 @@ def scored_group(
         worker_id="w",
         engine="hf",
         gen_seconds=0.0,
-        samples=[scored_sample(a) for a in accs],
+        samples=[scored_sample(a, version=version) for a in accs],
     )
 
 
@@ -78,7 +80,13 @@ def rollout_group(run_id: str, gid: str, responses: list[list[int]], version: in
         engine="hf",
         gen_seconds=0.0,
         samples=[
-            Sample(response_ids=r, logprobs=[-0.5] * len(r), finish_reason="stop")
+            Sample(
+                response_ids=r,
+                logprobs=[-0.5] * len(r),
+                finish_reason="stop",
+                versions=[version],
+                version_starts=[0],
+            )
             for r in responses
         ],
     )

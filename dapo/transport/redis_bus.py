@@ -362,6 +362,18 @@ def _s(x) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
 
 
+SOCKET_TIMEOUT_S = 30.0
+"""How long a client waits for any reply. Every blocking command we send (XREADGROUP BLOCK,
+BLPOP) blocks for at most a few seconds, so a reply later than this means Redis is gone,
+not busy. (redis-py's own default is 5 s, which a loaded host can exceed.)"""
+
+
 def connect(url: str) -> redis.Redis:
     """A client for ``url`` with health checks; bytes in, bytes out."""
-    return redis.Redis.from_url(url, health_check_interval=30, socket_keepalive=True)
+    return redis.Redis.from_url(
+        url,
+        health_check_interval=30,
+        socket_keepalive=True,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=10.0,
+    )

@@ -41,6 +41,8 @@ def score_group(
                 response_ids=sample.response_ids,
                 logprobs=sample.logprobs,
                 finish_reason=sample.finish_reason,
+                versions=sample.versions,
+                version_starts=sample.version_starts,
                 score=verdict.score + penalty,
                 acc=verdict.acc,
                 overlong_penalty=min(penalty, 0.0),

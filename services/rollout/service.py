@@ -104,7 +104,13 @@ class RolloutWorker:
         samples = []
         for c in completions:
             samples.append(
-                Sample(response_ids=c.token_ids, logprobs=c.logprobs, finish_reason=c.finish_reason)
+                Sample(
+                    response_ids=c.token_ids,
+                    logprobs=c.logprobs,
+                    finish_reason=c.finish_reason,
+                    versions=[self.version],
+                    version_starts=[0],
+                )
             )
             self.metrics.tokens.inc(len(c.token_ids))
             self.metrics.samples.labels(c.finish_reason).inc()

@@ -12,6 +12,7 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -268,9 +269,14 @@ class Cluster:
             self.pop("joined", timeout=60)
 
     def pop(self, what: str, timeout: float = 30) -> str:
-        item = self.client.blpop([f"test:{self.run_id}:{what}"], timeout=timeout)
-        assert item is not None, f"no {what!r} signal within {timeout}s"
-        return item[1].decode()
+        # short BLPOPs up to the deadline: one long one would outlast the client's socket
+        # timeout (redis-py's default is 5 s) on a loaded machine
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            item = self.client.blpop([f"test:{self.run_id}:{what}"], timeout=1)
+            if item is not None:
+                return item[1].decode()
+        raise AssertionError(f"no {what!r} signal within {timeout}s")
 
     def wait_loaded(self, version: int, workers) -> None:
         pending = {f"{w}:{version}" for w in workers}

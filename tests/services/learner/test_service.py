@@ -63,6 +63,8 @@ def group(run_id: str, gid: str, accs: list[bool]) -> ScoredGroup:
             response_ids=[65, 66 + i, 256],
             logprobs=[-0.5, -1.0, -0.1],
             finish_reason="stop",
+            versions=[0],
+            version_starts=[0],
             score=1.0 if a else -1.0,
             acc=a,
             overlong_penalty=0.0,

@@ -69,6 +69,8 @@ def rollout_batch(model, n_groups=4, seed=0) -> TrainingBatch:
                 response_ids=c.token_ids,
                 logprobs=c.logprobs,
                 finish_reason=c.finish_reason,
+                versions=[0],
+                version_starts=[0],
                 score=1.0 if j % 2 else -1.0,
                 acc=bool(j % 2),
                 overlong_penalty=0.0,
