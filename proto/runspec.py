@@ -9,27 +9,57 @@ sub-config they need and nothing else.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from proto.vocab import (
     EngineName,
     FilterMetric,
+    ISLevel,
     KLType,
     LossAggMode,
     ModelDType,
     PromptTemplate,
     RewardMode,
+    RSLevel,
 )
 
 SPEC_VERSION = 1
+MAX_TOKENS = 1 << 20
+"""Bound of every token length in a spec (a million tokens)."""
+MAX_TEXT = 4096
+"""Bound of every string in a spec (paths, keys, names)."""
+
+_BOOL = TypeAdapter(bool)
+
+
+def _check_text(where: str, value: Any) -> None:
+    if isinstance(value, str):
+        if len(value) > MAX_TEXT:
+            raise ValueError(f"{where} is {len(value)} characters long (at most {MAX_TEXT})")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where} is not valid Unicode (a lone surrogate)") from None
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_text(f"{where}[{i}]", item)
 
 
 class _Strict(BaseModel):
-    """Unknown keys are an error: a typo in a config must not be silently ignored."""
+    """Unknown keys are an error: a typo in a config must not be silently ignored. Every
+    number is finite (and each field bounded), every string valid Unicode and bounded: a
+    spec is stored as JSON and read by every service, so what cannot round-trip or would
+    overflow downstream is refused here, naming the field."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _texts_are_sane(self):
+        for name, value in self.__dict__.items():
+            _check_text(name, value)
+        return self
 
 
 class ModelConfig(_Strict):
@@ -48,15 +78,15 @@ class DataConfig(_Strict):
     """Held-out evaluation files, same schema."""
     prompt_key: str = "prompt"
     """Column holding the chat-format prompt."""
-    train_batch_size: int = Field(512, ge=1)
+    train_batch_size: int = Field(512, ge=1, le=1_000_000)
     """Groups (prompts) per training batch: the dynamic-sampling quota."""
-    max_prompt_length: int = Field(2048, ge=1)
+    max_prompt_length: int = Field(2048, ge=1, le=MAX_TOKENS)
     """Prompts longer than this many tokens are rejected when the dataset loads."""
-    max_response_length: int = Field(20480, ge=1)
+    max_response_length: int = Field(20480, ge=1, le=MAX_TOKENS)
     """Generation budget per sample, in tokens (the EOS token counts)."""
     shuffle: bool = True
     """Shuffle the prompts each epoch."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     """Seed of the shuffle."""
     prompt_template: PromptTemplate = "none"
     """Wrap each prompt in the DAPO math template (rows that already carry it are left alone)."""
@@ -65,71 +95,92 @@ class DataConfig(_Strict):
 
 
 class ValKwargs(_Strict):
-    temperature: float = Field(1.0, ge=0.0)
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
     """Sampling temperature for evaluation."""
     top_p: float = Field(0.7, gt=0.0, le=1.0)
     """Nucleus mass for evaluation (the DAPO eval uses 0.7)."""
-    n: int = Field(32, ge=1)
+    n: int = Field(32, ge=1, le=4096)
     """Samples per problem for avg@n."""
 
 
 class RolloutConfig(_Strict):
     engine: EngineName = "hf"
     """Inference engine: Hugging Face transformers (portable) or vLLM (GPU)."""
-    n: int = Field(16, ge=2)
+    n: int = Field(16, ge=2, le=4096)
     """G: samples generated per prompt (a group)."""
-    temperature: float = Field(1.0, gt=0.0)
+    temperature: float = Field(1.0, gt=0.0, le=100.0)
     """Sampling temperature during training rollouts."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     """Nucleus sampling mass during training rollouts."""
-    top_k: int = Field(-1, ge=-1)
+    top_k: int = Field(-1, ge=-1, le=1_000_000)
     """Top-k sampling; -1 disables it."""
+    dtype: ModelDType = "bfloat16"
+    """Compute dtype of the vLLM rollout engine (verl's ``actor_rollout_ref.rollout.dtype``),
+    used when the rollout pod's vLLM setting is ``auto``. Independent of ``model.dtype``, the
+    learner's master weights: bf16 rollouts of fp32 weights are the usual setup, and the
+    mismatch they cause is what ``algorithm.rollout_correction`` measures and corrects."""
     val_kwargs: ValKwargs = Field(default_factory=ValKwargs)
     """Sampling used by evaluation."""
 
+    @model_validator(mode="after")
+    def _top_k_on_or_off(self) -> RolloutConfig:
+        if self.top_k == 0:
+            raise ValueError("rollout.top_k must be -1 (off) or >= 1, got 0")
+        return self
+
 
 class OptimConfig(_Strict):
-    lr: float = Field(1e-6, gt=0.0)
+    lr: float = Field(1e-6, gt=0.0, le=1.0)
     """Peak AdamW learning rate."""
-    lr_warmup_steps: int = Field(20, ge=0)
-    """Optimizer steps of linear warm-up, then constant."""
-    weight_decay: float = Field(0.1, ge=0.0)
+    lr_warmup_steps: int = Field(20, ge=0, le=10_000_000)
+    """Training steps (batches, not optimizer steps) of linear warm-up, then constant: every
+    mini-batch of training step k (0-based) uses lr * min(1, (k + 1) / lr_warmup_steps)."""
+    weight_decay: float = Field(0.1, ge=0.0, le=10.0)
     """AdamW weight decay."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
-    grad_clip: float = Field(1.0, gt=0.0)
+    betas: tuple[
+        Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]
+    ] = (0.9, 0.999)
+    """AdamW betas, each in [0, 1)."""
+    grad_clip: float = Field(1.0, gt=0.0, le=1e6)
     """Global gradient-norm clip."""
 
 
+_REMOVED_ACTOR_FIELDS = {  # name -> what replaces it
+    "recompute_old_log_prob": "recompute_old_log_prob: false is now "
+    "algorithm.rollout_correction.bypass_mode: true (the rollout log-probs are the PPO "
+    "anchor); true is bypass_mode: false, the default",
+    "tis_imp_ratio_cap": "tis_imp_ratio_cap: c is now algorithm.rollout_correction."
+    "rollout_is: token with algorithm.rollout_correction.rollout_is_threshold: c; null is "
+    "rollout_is: null",
+}
+"""Actor fields that no longer exist; a spec setting one is refused with the replacement."""
+
+
 class ActorConfig(_Strict):
-    ppo_mini_batch_size: int = Field(32, ge=1)
+    ppo_mini_batch_size: int = Field(32, ge=1, le=1_000_000)
     """Groups per optimizer step; a training batch gives train_batch_size / this many steps."""
-    ppo_micro_batch_size: int = Field(8, ge=1)
+    ppo_micro_batch_size: int = Field(8, ge=1, le=1_000_000)
     """Samples per forward/backward pass (gradient accumulation unit)."""
-    ppo_epochs: int = Field(1, ge=1)
+    ppo_epochs: int = Field(1, ge=1, le=100)
     """Passes over each training batch."""
     clip_ratio_low: float = Field(0.2, ge=0.0, lt=1.0)
     """eps_low of Clip-Higher: ratio floor 1 - eps_low."""
-    clip_ratio_high: float = Field(0.28, ge=0.0)
+    clip_ratio_high: float = Field(0.28, ge=0.0, le=100.0)
     """eps_high of Clip-Higher: ratio ceiling 1 + eps_high."""
-    clip_ratio_c: float | None = Field(10.0, gt=1.0)
+    clip_ratio_c: float | None = Field(10.0, gt=1.0, le=1e6)
     """Dual-clip bound c for negative advantages; None disables dual clip."""
     loss_agg_mode: LossAggMode = "token-mean"
     """How per-token losses become one scalar (token-mean is DAPO's token-level loss)."""
-    log_ratio_clamp: float = Field(20.0, gt=0.0)
+    log_ratio_clamp: float = Field(20.0, gt=0.0, le=80.0)
     """|log r| is clamped to this before exp, for numeric safety."""
-    entropy_coeff: float = Field(0.0, ge=0.0)
+    entropy_coeff: float = Field(0.0, ge=0.0, le=100.0)
     """Weight of the entropy bonus (0 = off, as in DAPO)."""
     use_kl_loss: bool = False
     """Add a KL penalty to a frozen reference policy (off in DAPO)."""
-    kl_loss_coef: float = Field(0.0, ge=0.0)
+    kl_loss_coef: float = Field(0.0, ge=0.0, le=100.0)
     """Weight of the KL penalty."""
     kl_loss_type: KLType = "k3"
     """KL estimator: k1 = log-ratio, k3 = low-variance (Schulman) estimator."""
-    tis_imp_ratio_cap: float | None = Field(None, gt=0.0)
-    """Cap of the truncated importance weight behaviour->old policy (None = off)."""
-    recompute_old_log_prob: bool = True
-    """Recompute old log-probs with the learner's weights instead of using the rollout ones."""
     overlong_filter: bool = False
     """Mask truncated samples out of the loss (the paper's overlong filtering ablation)."""
     bf16_autocast: bool = False
@@ -137,14 +188,137 @@ class ActorConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     """Optimizer settings."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, replacement in _REMOVED_ACTOR_FIELDS.items():
+                if name in data:
+                    raise ValueError(f"actor.{name} was removed: {replacement}")
+        return data
+
 
 class FilterGroupsConfig(_Strict):
     enable: bool = True
     """Dynamic sampling: drop groups whose metric is identical across all G samples."""
     metric: FilterMetric = "acc"
     """Per-sample value compared within a group."""
-    max_num_gen_batches: int = Field(10, ge=0)
+    max_num_gen_batches: int = Field(10, ge=0, le=1_000_000)
     """Generation rounds allowed to fill one batch before a clear error (0 = unlimited)."""
+
+
+class RolloutCorrectionConfig(_Strict):
+    """The off-policy objective: how the learner treats the policy that generated a sample
+    (verl's ``algorithm.rollout_correction``, same names and meanings).
+
+    Three policies meet in a step: the behaviour policy (the rollout engine's weights and
+    numerics, its log-probs recorded per token), the proximal policy (the learner's weights
+    before the step) and the policy being trained. Decoupled mode (the default) recomputes
+    the proximal log-probs and anchors PPO's clipped ratio on them; ``rollout_is`` then
+    weights each token's surrogate by proximal / behaviour (the decoupled PPO objective of
+    AReaL, verl's token_is / seq_is) and ``rollout_rs`` masks the tokens or sequences whose
+    ratio lies outside a band, out of the loss and its normaliser. Bypass mode anchors PPO on
+    the behaviour log-probs and recomputes nothing: the PPO ratio itself is then the
+    importance weight, and its clip the trust region.
+
+    ``rollout_is`` defaults to token in decoupled mode (verl ships null): this system is
+    asynchronous by default (``algorithm.max_staleness`` 1), and an objective that ignores
+    the behaviour policy is refused with stale samples (see ``RunSpec``). In bypass mode,
+    where a weight is refused, it defaults to null.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    bypass_mode: bool = False
+    """False (decoupled): the PPO anchor is the proximal policy, log-probs recomputed by the
+    learner before the step. True: the behaviour (rollout) log-probs are the anchor and
+    nothing is recomputed; rollout_is, rollout_rs and the veto must then be null."""
+    rollout_is: ISLevel | None = "token"
+    """Importance weight proximal / behaviour multiplying each token's surrogate: per token,
+    or the product over the sequence; safety-bounded to [exp(-20), exp(20)], truncated at
+    rollout_is_threshold and detached. None: no weight. Default: token, or null when
+    bypass_mode is true."""
+    rollout_is_threshold: float = Field(2.0, gt=0.0, le=1e6)
+    """Truncation: weights above it are set to it."""
+    rollout_is_batch_normalize: bool = False
+    """Divide the truncated weights by their mean over the batch (over tokens for token
+    weights, over sequences for sequence weights), so they average 1."""
+    rollout_rs: RSLevel | None = None
+    """Rejection: mask out of the loss and its normaliser each token (token), or each whole
+    sequence (sequence: product of ratios; geometric: their geometric mean), whose ratio lies
+    outside [rollout_rs_threshold_lower, rollout_rs_threshold]. None: no rejection."""
+    rollout_rs_threshold: float | None = Field(None, gt=0.0, le=1e6)
+    """Upper bound of the kept ratios; None means rollout_is_threshold."""
+    rollout_rs_threshold_lower: float | None = Field(None, gt=0.0, le=1e6)
+    """Lower bound of the kept ratios; None means 1 / the upper bound."""
+    rollout_token_veto_threshold: float | None = Field(None, gt=0.0, le=1.0)
+    """A sequence with any token whose ratio proximal / behaviour is below this is masked
+    entirely (e.g. 1e-4); None disables the veto."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "rollout_is" not in data:
+            try:
+                bypass = _BOOL.validate_python(data.get("bypass_mode", False))
+            except ValidationError:
+                return data  # reported by the field's own validation
+            if bypass:
+                return {**data, "rollout_is": None}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RolloutCorrectionConfig:
+        if self.bypass_mode:
+            used = [
+                f"{name}: {value}"
+                for name, value in (
+                    ("rollout_is", self.rollout_is),
+                    ("rollout_rs", self.rollout_rs),
+                    ("rollout_token_veto_threshold", self.rollout_token_veto_threshold),
+                )
+                if value is not None
+            ]
+            if used:
+                raise ValueError(
+                    f"bypass_mode: true with {', '.join(used)}: in bypass mode the rollout "
+                    "log-probs are the PPO anchor and no proximal log-probs are recomputed, so "
+                    "there is no proximal / behaviour ratio to weight or reject by (the PPO "
+                    "ratio already is the importance weight); set them to null, or use "
+                    "bypass_mode: false (decoupled)"
+                )
+        if self.rollout_rs is not None and self.rs_threshold_lower > self.rs_threshold:
+            raise ValueError(
+                f"rollout_rs_threshold_lower ({self.rs_threshold_lower}) exceeds the upper "
+                f"bound rollout_rs_threshold ({self.rs_threshold}): no ratio would be kept"
+            )
+        return self
+
+    @property
+    def rs_threshold(self) -> float:
+        """The upper rejection bound in effect."""
+        return (
+            self.rollout_is_threshold
+            if self.rollout_rs_threshold is None
+            else self.rollout_rs_threshold
+        )
+
+    @property
+    def rs_threshold_lower(self) -> float:
+        """The lower rejection bound in effect."""
+        if self.rollout_rs_threshold_lower is None:
+            return 1.0 / self.rs_threshold
+        return self.rollout_rs_threshold_lower
+
+    @property
+    def ignores_behavior_policy(self) -> bool:
+        """Decoupled with neither weight nor rejection: the recorded behaviour log-probs do
+        not enter the loss (the veto alone corrects nothing)."""
+        return not self.bypass_mode and self.rollout_is is None and self.rollout_rs is None
+
+    @property
+    def uses_behavior_log_probs(self) -> bool:
+        """Whether the loss reads the recorded behaviour log-probs (so they must be exact)."""
+        return not self.ignores_behavior_policy or self.rollout_token_veto_threshold is not None
 
 
 class AlgorithmConfig(_Strict):
@@ -154,36 +328,41 @@ class AlgorithmConfig(_Strict):
     """Divide by the group's unbiased std (False = Dr. GRPO)."""
     filter_groups: FilterGroupsConfig = Field(default_factory=FilterGroupsConfig)
     """Dynamic sampling."""
-    max_staleness: int = Field(1, ge=0)
-    """Groups generated more than this many policy versions ago are dropped (0 = on-policy)."""
+    max_staleness: int = Field(1, ge=0, le=1000)
+    """Largest lag allowed, in policy versions (one per training step that changed the
+    weights): a token generated by version v and trained at learner version V has lag
+    V - v. The sampler drops groups older than this, and the learner masks out any sample
+    with a token past it (0 = on-policy, synchronous)."""
+    rollout_correction: RolloutCorrectionConfig = Field(default_factory=RolloutCorrectionConfig)
+    """The off-policy objective (behaviour vs proximal policy)."""
 
 
 class OverlongBufferConfig(_Strict):
     enable: bool = True
     """Soft overlong punishment on/off."""
-    len: int = Field(4096, ge=1)
+    len: int = Field(4096, ge=1, le=MAX_TOKENS)
     """Lcache: length of the punishment interval before max_response_length."""
-    penalty_factor: float = Field(1.0, ge=0.0)
+    penalty_factor: float = Field(1.0, ge=0.0, le=1e6)
     """Penalty at and beyond max_response_length."""
 
 
 class RewardConfig(_Strict):
     mode: RewardMode = "dapo"
     """Verifier: official DAPO-compatible, strict \\boxed{}, or symbolic Math-Verify."""
-    timeout_s: float = Field(2.0, gt=0.0)
+    timeout_s: float = Field(2.0, gt=0.0, le=3600.0)
     """Upper bound on one verification; a timeout scores -1."""
     overlong_buffer: OverlongBufferConfig = Field(default_factory=OverlongBufferConfig)
     """Soft overlong punishment."""
 
 
 class TrainerConfig(_Strict):
-    total_training_steps: int = Field(100, ge=1)
+    total_training_steps: int = Field(100, ge=1, le=100_000_000)
     """Training batches to consume before the run completes."""
-    save_freq: int = Field(20, ge=0)
+    save_freq: int = Field(20, ge=0, le=100_000_000)
     """Write a checkpoint every N training batches (0 = only at the end)."""
-    test_freq: int = Field(0, ge=0)
+    test_freq: int = Field(0, ge=0, le=100_000_000)
     """Evaluate every N training batches (0 = only before and after)."""
-    max_in_flight: int = Field(0, ge=0)
+    max_in_flight: int = Field(0, ge=0, le=100_000_000)
     """Prompts dispatched but not yet scored (0 = 2 * train_batch_size)."""
     runs_dir: str = "runs"
     """Folder that holds one sub-folder per run."""
@@ -208,6 +387,17 @@ class RunSpec(_Strict):
             raise ValueError(
                 "actor.ppo_mini_batch_size must divide data.train_batch_size "
                 f"({self.actor.ppo_mini_batch_size} does not divide {self.data.train_batch_size})"
+            )
+        alg = self.algorithm
+        if alg.max_staleness > 0 and alg.rollout_correction.ignores_behavior_policy:
+            raise ValueError(
+                f"algorithm.max_staleness is {alg.max_staleness}: samples may come from an "
+                "older policy, but algorithm.rollout_correction ignores the policy that "
+                "generated them (decoupled, rollout_is and rollout_rs null); set "
+                "algorithm.rollout_correction.rollout_is: token (decoupled PPO with truncated "
+                "importance weights), or rollout_is: sequence, or rollout_rs: token | "
+                "sequence | geometric (rejection), or bypass_mode: true (the rollout "
+                "log-probs as the PPO anchor), or algorithm.max_staleness: 0"
             )
         ob = self.reward.overlong_buffer
         if ob.enable and ob.len > self.data.max_response_length:

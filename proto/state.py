@@ -68,7 +68,7 @@ ACCOUNT_FIELDS = (
     "filtered_all_wrong",
     "dropped_stale",
     "batches",
-    "prompts_since_batch",
+    "scored_since_batch",
 )
 """Counters of the sampler's account, kept in one Redis hash per run."""
 

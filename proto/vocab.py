@@ -21,6 +21,10 @@ FilterMetric = Literal["acc", "score", "reward"]
 """Per-sample value dynamic sampling compares within a group."""
 FinishReason = Literal["stop", "length"]
 """Why a sample ended: EOS emitted, or the token budget ran out."""
+ISLevel = Literal["token", "sequence"]
+"""Importance-weight level of ``algorithm.rollout_correction.rollout_is``."""
+RSLevel = Literal["token", "sequence", "geometric"]
+"""Rejection level of ``algorithm.rollout_correction.rollout_rs``."""
 KLType = Literal["k1", "k3"]
 """KL estimator of the optional KL loss."""
 ModelDType = Literal["float32", "bfloat16", "float16"]

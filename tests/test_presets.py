@@ -67,8 +67,22 @@ def test_resolved_preset_carries_reference_values(name: str, score: int, _switch
     assert spec.reward.overlong_buffer.len == 4096
     assert spec.actor.clip_ratio_c == 10.0 and spec.actor.clip_ratio_low == 0.2
     assert not spec.actor.use_kl_loss and spec.actor.kl_loss_coef == 0.0
-    assert spec.actor.entropy_coeff == 0.0 and spec.actor.tis_imp_ratio_cap is None
+    assert spec.actor.entropy_coeff == 0.0
     assert spec.algorithm.filter_groups.metric == "acc"
+    assert spec.rollout.dtype == "bfloat16"  # verl's vLLM rollouts of the paper's runs
+
+
+@pytest.mark.parametrize("name", [r[0] for r in ROWS])
+def test_every_row_is_synchronous_and_on_policy(name: str) -> None:
+    # the paper trains synchronously: no stale sample, and the PPO anchor is the
+    # learner's recomputed log-probs with no correction towards the rollout's
+    text, spec = _load(name)
+    assert spec.algorithm.max_staleness == 0
+    corr = spec.algorithm.rollout_correction
+    assert not corr.bypass_mode and corr.rollout_is is None and corr.rollout_rs is None
+    assert corr.rollout_token_veto_threshold is None
+    if name == "naive-grpo":
+        assert "max_staleness 0 (synchronous" in text
 
 
 @pytest.mark.parametrize("name", [r[0] for r in ROWS])

@@ -18,8 +18,11 @@ DAPO (arXiv 2503.14476) departs from GRPO in these ways, each tied to a field of
    -> ``actor.overlong_filter`` (see ``apply_overlong_filter``).
 
 Also: no KL term to a reference policy (``actor.use_kl_loss = False``,
-``actor.kl_loss_coef = 0``), and the optional dual clip for negative advantages
-(``actor.clip_ratio_c``, 10 in the DAPO scripts).
+``actor.kl_loss_coef = 0``), the optional dual clip for negative advantages
+(``actor.clip_ratio_c``, 10 in the DAPO scripts), and, for samples of an older or
+numerically different behaviour policy, per-token importance weights multiplying the
+clipped surrogate (``is_weights``; computed by ``dapo.algorithm.off_policy`` from
+``algorithm.rollout_correction``).
 
 Exact accumulation. Every aggregation is ``numerator / normalizer`` where the
 numerator is a plain sum over the rows of the current micro-batch and the
@@ -27,11 +30,12 @@ normalizer is computed once from the whole mini-batch (all micro-batches, all
 data-parallel ranks) by ``loss_normalizer``. Summing the micro-batch losses
 therefore gives the full mini-batch loss and gradient exactly.
 
-Sequence count of the ``seq-*`` modes: only rows with at least one counted token
-count. A fully masked row (an overlong-filtered sample, or an empty padding row
-added to balance micro-batches) is then exactly as if it were not in the batch,
-which matches how ``token-mean`` treats masked tokens; counting it would instead
-shrink every other sample's weight.
+Sequence count of ``seq-mean-token-mean`` / ``seq-mean-token-sum``: only rows with at
+least one counted token count. A fully masked row (an overlong-filtered, stale or
+rejected sample, or an empty padding row added to balance micro-batches) is then exactly
+as if it were not in the batch, which matches how ``token-mean`` treats masked tokens;
+counting it would instead shrink every other sample's weight. ``seq-mean-token-sum-norm``
+divides by a constant instead (see ``loss_normalizer``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,10 @@ from proto.runspec import ActorConfig
 from proto.vocab import LOSS_AGG_MODES, KLType
 
 Normalizer = float | torch.Tensor
+
+SHARE_METRICS = frozenset({"pg_loss"})
+"""Metrics of ``policy_loss`` that are a micro-batch's share of the mini-batch value (sum
+them over micro-batches); every other metric is a mean over the micro-batch's tokens."""
 
 
 def _check_mode(loss_agg_mode: str) -> None:
@@ -76,8 +84,15 @@ def loss_normalizer(mask: torch.Tensor, loss_agg_mode: str, horizon: int | None 
 
     - token-mean: number of counted tokens;
     - seq-mean-token-mean / seq-mean-token-sum: number of rows with >= 1 counted token;
-    - seq-mean-token-sum-norm: that row count times ``horizon`` (a constant such
-      as ``data.max_response_length``; required, so it cannot drift with padding).
+    - seq-mean-token-sum-norm: ``horizon`` alone, a constant such as
+      ``data.max_response_length`` (required, so it cannot drift with padding).
+
+    seq-mean-token-sum-norm is verl's ``agg_loss``: sum(seq_losses) / loss_scale_factor,
+    the rows' token sums added (no mean over rows; Dr. GRPO's constant normaliser) and
+    divided by the constant, applied here to the whole mini-batch. verl's FSDP actor also
+    divides each micro-batch's value by the number of micro-batches, which makes the
+    loss depend on the micro-batch size; that factor is left out, so the loss is the same
+    for every micro-batch size (what verl's newer engine path computes on one rank).
 
     An all-masked mini-batch gives 1 (for -norm, ``horizon``), so its loss is 0, not NaN.
     """
@@ -87,14 +102,13 @@ def loss_normalizer(mask: torch.Tensor, loss_agg_mode: str, horizon: int | None 
     keep = mask.bool()
     if loss_agg_mode == "token-mean":
         return float(max(int(keep.sum()), 1))
-    num_seqs = max(int(keep.any(dim=-1).sum()), 1)
     if loss_agg_mode == "seq-mean-token-sum-norm":
         if horizon is None or horizon <= 0:
             raise ValueError(
                 f"seq-mean-token-sum-norm needs a positive constant horizon, got {horizon!r}"
             )
-        return float(num_seqs * horizon)
-    return float(num_seqs)
+        return float(horizon)
+    return float(max(int(keep.any(dim=-1).sum()), 1))
 
 
 def agg_loss(
@@ -172,18 +186,6 @@ def kl_penalty(
     raise ValueError(f"kl_loss_type must be 'k1' or 'k3', got {kl_type!r}")
 
 
-def truncated_importance_weight(
-    logp_old: torch.Tensor, logp_behavior: torch.Tensor, cap: float, log_ratio_clamp: float = 20.0
-) -> torch.Tensor:
-    """w = min(pi_old / pi_behavior, cap), detached (B, T).
-
-    pi_old is the proximal policy whose log-probs the learner recomputed;
-    pi_behavior produced the rollout. The weight corrects for the gap between them.
-    """
-    log_w = (logp_old - logp_behavior).detach().clamp(-log_ratio_clamp, log_ratio_clamp)
-    return torch.exp(log_w).clamp(max=cap)
-
-
 def apply_overlong_filter(mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
     """Mask out every token of truncated samples: mask (B, T), truncated (B,) bool -> (B, T)."""
     if truncated.shape != mask.shape[:1]:
@@ -232,36 +234,17 @@ def _clip_metrics(
     }
 
 
-def policy_loss(
+def _surrogate_inputs(
     logp_new: torch.Tensor,
     logp_old: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    cfg: ActorConfig,
-    *,
-    normalizer: Normalizer,
-    logp_behavior: torch.Tensor | None = None,
-    logp_ref: torch.Tensor | None = None,
-    logits: torch.Tensor | None = None,
-    entropy: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The DAPO loss of one micro-batch, to be SUMMED over micro-batches.
+    log_ratio_clamp: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checked shapes, then (keep, adv, log_ratio, ratio), all (B, T).
 
-    logp_new (B, T): log-probs of the sampled tokens under the policy being trained
-    (carries the gradient). logp_old (B, T): the same under the policy that is
-    the PPO anchor (recomputed by the learner). advantages: (B, T) or (B,).
-    mask (B, T): 1 for response tokens that count (after ``apply_overlong_filter``).
-    normalizer: ``loss_normalizer`` of the whole mini-batch for ``cfg.loss_agg_mode``.
-    logp_behavior (B, T): rollout log-probs, required when ``cfg.tis_imp_ratio_cap``
-    is set. logp_ref (B, T): reference-policy log-probs, required when
-    ``cfg.use_kl_loss``. logits (B, T, V) or entropy (B, T): for the entropy
-    metric and bonus (required when ``cfg.entropy_coeff > 0``; entropy wins if both).
-
-    Returns (loss, metrics). Metrics are detached 0-dim tensors: pg_loss (this
-    micro-batch's share of the policy term, sums to the mini-batch value) and,
-    averaged over this micro-batch's counted tokens, pg_clipfrac_high,
-    pg_clipfrac_low, pg_clipfrac_dual, ppo_kl, plus entropy / kl_ref /
-    tis_weight_mean when present.
+    Masked positions are zeroed before any nonlinearity, so garbage there (inf/NaN
+    log-probs of padding) can reach neither the loss nor the gradient.
     """
     shape = logp_new.shape
     if logp_new.dim() != 2:
@@ -272,32 +255,59 @@ def policy_loss(
         advantages = advantages.unsqueeze(-1).expand(shape)  # (B,) -> (B, T)
     _check_2d("advantages", advantages, shape)
     keep = mask.bool()
-    # masked positions are zeroed before any nonlinearity, so garbage there (inf/NaN
-    # log-probs of padding) can reach neither the loss nor the gradient
     adv = torch.where(keep, advantages.detach().to(logp_new.dtype), 0.0)  # (B, T)
-    log_ratio = torch.where(keep, logp_new - logp_old.detach(), 0.0)
-    ratio = torch.exp(log_ratio.clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp))  # (B, T)
+    log_ratio = torch.where(keep, logp_new - logp_old.detach(), 0.0)  # (B, T)
+    ratio = torch.exp(log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp))  # (B, T)
+    return keep, adv, log_ratio, ratio
+
+
+def policy_loss(
+    logp_new: torch.Tensor,
+    logp_old: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: ActorConfig,
+    *,
+    normalizer: Normalizer,
+    is_weights: torch.Tensor | None = None,
+    logp_ref: torch.Tensor | None = None,
+    logits: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The DAPO loss of one micro-batch, to be SUMMED over micro-batches.
+
+    logp_new (B, T): log-probs of the sampled tokens under the policy being trained
+    (carries the gradient). logp_old (B, T): the same under the PPO anchor (the proximal
+    policy recomputed by the learner, or the behaviour policy in bypass mode).
+    advantages: (B, T) or (B,). mask (B, T): 1 for response tokens that count (after the
+    overlong filter, staleness and rejection masks). normalizer: ``loss_normalizer`` of
+    the whole mini-batch for ``cfg.loss_agg_mode``. is_weights (B, T): detached
+    importance weights multiplying each token's clipped surrogate (decoupled PPO, see
+    ``dapo.algorithm.off_policy``); None = 1. logp_ref (B, T): reference-policy
+    log-probs, required when ``cfg.use_kl_loss``. logits (B, T, V) or entropy (B, T): for
+    the entropy metric and bonus (required when ``cfg.entropy_coeff > 0``; entropy wins).
+
+    Returns (loss, metrics). Metrics are detached 0-dim tensors. Those in
+    ``SHARE_METRICS`` (pg_loss: the policy term) are this micro-batch's share of the
+    mini-batch value: summed over the micro-batches they give it exactly. The others are
+    means over this micro-batch's counted tokens (weight them by its token count):
+    pg_clipfrac_high, pg_clipfrac_low, pg_clipfrac_dual, ppo_kl, plus entropy / kl_ref
+    when present.
+    """
+    keep, adv, log_ratio, ratio = _surrogate_inputs(
+        logp_new, logp_old, advantages, mask, cfg.log_ratio_clamp
+    )
     per_token, dual = clipped_surrogate(
         ratio, adv, cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c
-    )
+    )  # (B, T)
+    if is_weights is not None:
+        _check_2d("is_weights", is_weights, keep.shape)
+        per_token = per_token * torch.where(keep, is_weights.detach(), 1.0)
     metrics: dict[str, torch.Tensor] = {}
-    if cfg.tis_imp_ratio_cap is not None:
-        if logp_behavior is None:
-            raise ValueError("actor.tis_imp_ratio_cap is set but logp_behavior was not given")
-        _check_2d("logp_behavior", logp_behavior, shape)
-        weight = truncated_importance_weight(
-            logp_old, logp_behavior, cfg.tis_imp_ratio_cap, cfg.log_ratio_clamp
-        )
-        weight = torch.where(keep, weight, 1.0)
-        per_token = per_token * weight
-        metrics["tis_weight_mean"] = masked_mean(weight, keep)
-
-    mode = cfg.loss_agg_mode
-    pg_loss = agg_loss(per_token, keep, mode, normalizer)
+    pg_loss = agg_loss(per_token, keep, cfg.loss_agg_mode, normalizer)
     loss = pg_loss
     loss = loss + _entropy_term(cfg, keep, normalizer, logits, entropy, metrics)
     loss = loss + _kl_term(logp_new, logp_ref, keep, cfg, normalizer, metrics)
-
     with torch.no_grad():
         metrics["pg_loss"] = pg_loss.detach()
         metrics["ppo_kl"] = masked_mean(-log_ratio, keep)

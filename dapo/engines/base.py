@@ -20,12 +20,27 @@ logits by the rollout temperature and takes log_softmax the same way, without
 top-p/top-k), so rollout and learner log-probs agree up to numerics when the
 weights are the same. With ``temperature == 0`` decoding is greedy and the
 recorded log-probs are those of the untempered distribution (temperature 1).
+
+In-flight weight updates
+------------------------
+A generation of 20k tokens at 32B parameters lasts minutes; a worker that took
+new weights only between generations would miss most updates. So ``generate``
+accepts ``between_steps`` (``BetweenSteps``): a callback the engine calls
+between forward passes, which may load new weights through ``load_weights``
+and returns their version (None: nothing loaded). Tokens sampled after it
+returned a version come from the new weights, and their log-probs are the new
+weights' ones; the KV cache of the positions already processed is kept, as in
+PipelineRL, so those keys and values are still the old weights' (an update
+that leaves them unchanged, such as one of ``lm_head`` alone, makes every later
+log-prob equal the new model's teacher-forced one). Each ``Completion`` says
+where its version changed (``weight_updates``; ``version_segments`` turns that
+into ``proto.messages.Sample``'s run-length segments).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -35,6 +50,11 @@ import torch
 from proto.messages import SamplingParams
 
 FinishReason = Literal["stop", "length"]
+
+BetweenSteps = Callable[[], int | None]
+"""Called by ``InferenceEngine.generate`` between forward passes, from the generating
+thread: loads new weights into the engine if some are ready and returns their version, or
+returns None having loaded nothing. It must not call ``generate``."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,6 +74,10 @@ class Completion:
     logprobs: np.ndarray
     """(L,) float32 log-probs of the sampled tokens under the generating policy."""
     finish_reason: FinishReason
+    weight_updates: tuple[tuple[int, int], ...] = ()
+    """(token index, version) of each weight update taken while this completion was being
+    generated, in order: tokens from that index on were sampled by that version (index 0:
+    before the first token). Empty: the weights the engine held when ``generate`` began."""
 
     def __post_init__(self) -> None:
         if self.token_ids.ndim != 1 or self.token_ids.dtype != np.int32:
@@ -70,6 +94,28 @@ class Completion:
             raise ValueError(
                 f"Completion.finish_reason must be 'stop' or 'length', got {self.finish_reason!r}"
             )
+        indices = [index for index, _ in self.weight_updates]
+        if indices != sorted(indices) or any(not 0 <= i < len(self) for i in indices):
+            raise ValueError(
+                f"Completion.weight_updates indices {indices} must be non-decreasing and within "
+                f"the {len(self)} tokens"
+            )
+
+    def version_segments(self, start_version: int) -> tuple[list[int], list[int]]:
+        """``(versions, version_starts)`` of ``proto.messages.Sample``, given the version the
+        engine held when ``generate`` began: an update overrides an earlier one at the same
+        token index, and an update to the version already held starts no segment."""
+        versions, starts = [start_version], [0]
+        for index, version in self.weight_updates:
+            if index == starts[-1]:
+                versions[-1] = version
+                if len(versions) > 1 and versions[-2] == version:
+                    versions.pop()
+                    starts.pop()
+            elif version != versions[-1]:
+                versions.append(version)
+                starts.append(index)
+        return versions, starts
 
     def __len__(self) -> int:
         return int(self.token_ids.shape[0])
@@ -79,8 +125,17 @@ class Completion:
 class InferenceEngine(Protocol):
     """What the rollout worker needs from an inference engine."""
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        """For each prompt (token ids), ``params.n`` completions, in prompt order."""
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        between_steps: BetweenSteps | None = None,
+    ) -> list[list[Completion]]:
+        """For each prompt (token ids), ``params.n`` completions, in prompt order.
+
+        ``between_steps`` is asked for new weights between forward passes (module doc);
+        each engine says how often. Completions record the updates it took.
+        """
         ...
 
     def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:

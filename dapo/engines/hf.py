@@ -5,7 +5,14 @@ recompute every recorded log-prob exactly, so this module owns the padding,
 the position ids, the KV cache and the sampling step. All prompts x n samples
 decode together as one left-padded batch (optionally in chunks of
 ``max_batch_size`` rows); each row stops at its first EOS id. The same code
-runs on CPU and CUDA. See ``engine`` for what the recorded log-probs mean.
+runs on CPU and CUDA. See ``dapo.engines.base`` for what the recorded log-probs
+mean.
+
+In-flight updates: ``generate``'s ``between_steps`` is called before every
+forward pass, each chunk's prompt pass and each decode step (all live rows
+advance one token per step), so an update takes effect at the next token of
+every row still generating, with the KV cache kept. Chunks decode one after
+another: a chunk that starts after an update starts with the new version.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, GenerationConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from dapo.engines.base import Completion, tensors_checksum
+from dapo.engines.base import BetweenSteps, Completion, tensors_checksum
 from proto.messages import SamplingParams
 
 EosSource = int | Sequence[int] | PreTrainedTokenizerBase | None
@@ -119,6 +126,38 @@ class _Decoded:
     logprobs: torch.Tensor  # (B, T) float32
     lengths: torch.Tensor  # (B,) response length, EOS included
     stopped: torch.Tensor  # (B,) bool: the row emitted an EOS
+    updates: list[list[tuple[int, int]]]  # per row: (token index, version) of each update
+
+
+class _UpdateLog:
+    """The weight updates ``between_steps`` loads during one ``generate`` call, recorded per
+    row of the chunk being decoded (see ``Completion.weight_updates``)."""
+
+    def __init__(self, between_steps: BetweenSteps | None) -> None:
+        self.between_steps = between_steps
+        self.latest: int | None = None  # newest version loaded during this call
+        self.rows: list[list[tuple[int, int]]] = []
+
+    def start_chunk(self, batch: int) -> None:
+        """A chunk starts on the newest weights: an update taken in an earlier chunk counts
+        from the first token of this one's rows."""
+        start = [] if self.latest is None else [(0, self.latest)]
+        self.rows = [list(start) for _ in range(batch)]
+
+    def check(self, index: int, stopped: torch.Tensor) -> None:
+        """Asks for new weights before the forward pass that yields token ``index`` of every
+        row not ``stopped`` (B,); the rows that finished take no more tokens, so no update."""
+        if self.between_steps is None:
+            return
+        # Outside inference mode: what the callback creates (process groups, buffers) and
+        # the parameters it writes must stay ordinary tensors after this call.
+        with torch.inference_mode(False):
+            version = self.between_steps()
+        if version is None:
+            return
+        self.latest = version
+        for row in (~stopped).nonzero().flatten().tolist():
+            self.rows[row].append((index, version))
 
 
 class HFEngine:
@@ -161,11 +200,18 @@ class HFEngine:
         return self.model.dtype
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        between_steps: BetweenSteps | None = None,
+    ) -> list[list[Completion]]:
         """For each prompt, ``params.n`` completions (see ``InferenceEngine.generate``).
 
         Rows are prompt-major (prompt i, sample j). With a seed the result is
-        deterministic for the same prompts, params, batch chunking and device.
+        deterministic for the same prompts, params, batch chunking, device and
+        weights (updates included: an update that loads nothing changes nothing).
+        ``between_steps`` runs before every forward pass (module doc).
         """
         for i, prompt in enumerate(prompts):
             if len(prompt) == 0:
@@ -177,17 +223,26 @@ class HFEngine:
         else:
             generator.manual_seed(params.seed)
         chunk = self.max_batch_size or max(len(rows), 1)
+        updates = _UpdateLog(between_steps)
         flat: list[Completion] = []
         for start in range(0, len(rows), chunk):
-            decoded = self._decode(rows[start : start + chunk], params, generator)
+            decoded = self._decode(rows[start : start + chunk], params, generator, updates)
             flat.extend(self._to_completions(decoded))
         return [flat[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
     def _decode(
-        self, rows: Sequence[Sequence[int]], params: SamplingParams, generator: torch.Generator
+        self,
+        rows: Sequence[Sequence[int]],
+        params: SamplingParams,
+        generator: torch.Generator,
+        updates: _UpdateLog,
     ) -> _Decoded:
-        """The sampling loop for one batch of rows, with a KV cache."""
+        """The sampling loop for one batch of rows, with a KV cache that outlives updates."""
         input_ids, mask = left_pad(rows, self.pad_token_id, self.device)  # (B, P)
+        batch = input_ids.shape[0]
+        stopped = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        updates.start_chunk(batch)
+        updates.check(0, stopped)
         # Real tokens get positions 0, 1, ...; padding is clamped to 0 and masked anyway.
         positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # (B, P)
         cache = DynamicCache(config=self.model.config)
@@ -200,9 +255,7 @@ class HFEngine:
             logits_to_keep=1,
         )
         next_pos = positions[:, -1:] + 1  # (B, 1)
-        batch = input_ids.shape[0]
         eos = torch.tensor(self.eos_token_ids, device=self.device)
-        stopped = torch.zeros(batch, dtype=torch.bool, device=self.device)
         lengths = torch.full((batch,), params.max_new_tokens, device=self.device)
         tokens: list[torch.Tensor] = []
         logprobs: list[torch.Tensor] = []
@@ -216,6 +269,7 @@ class HFEngine:
             stopped |= hit
             if step + 1 == params.max_new_tokens or bool(stopped.all()):
                 break
+            updates.check(step + 1, stopped)  # new weights, if any, sample token step + 1 on
             mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=-1)  # (B, P + step + 1)
             out = self.model(
                 input_ids=token[:, None],
@@ -225,7 +279,9 @@ class HFEngine:
                 use_cache=True,
             )
             next_pos = next_pos + 1
-        return _Decoded(torch.stack(tokens, 1), torch.stack(logprobs, 1), lengths, stopped)
+        return _Decoded(
+            torch.stack(tokens, 1), torch.stack(logprobs, 1), lengths, stopped, updates.rows
+        )
 
     @staticmethod
     def _to_completions(decoded: _Decoded) -> list[Completion]:
@@ -238,6 +294,7 @@ class HFEngine:
                 token_ids=tokens[b, :length].copy(),
                 logprobs=logprobs[b, :length].copy(),
                 finish_reason="stop" if stopped[b] else "length",
+                weight_updates=tuple(decoded.updates[b]),
             )
             for b, length in enumerate(lengths)
         ]

@@ -28,6 +28,13 @@ running ``generate`` to finish and holds new ones back, so each sample comes
 from exactly one policy version; the prefix cache (KV of the old weights) is
 reset before generation resumes.
 
+In-flight updates are not implemented here yet: ``generate`` calls its
+``between_steps`` once, before it submits its requests, so an update that
+arrives while vLLM generates waits for the next ``generate`` call (the caller's
+batch boundary). A real in-flight update, pausing vLLM's scheduler between
+steps and loading the weights under it, is later work; until then a long vLLM
+generation misses the updates broadcast meanwhile.
+
 ``weights_checksum`` hashes vLLM's own parameters (vLLM names, stacked and
 sharded layout): it identifies the loaded weights among vLLM engines of the
 same model and parallelism, and is not comparable with ``HFEngine``'s. The
@@ -37,6 +44,7 @@ learner compares.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Iterable, Iterator
@@ -45,7 +53,7 @@ from typing import Any
 
 import torch
 
-from dapo.engines.base import Completion, tensors_checksum
+from dapo.engines.base import BetweenSteps, Completion, tensors_checksum
 from dapo.engines.hf import EosSource, resolve_eos_token_ids
 from dapo.engines.vllm_settings import VLLMSettings
 from dapo.engines.vllm_support import (
@@ -168,8 +176,17 @@ class VLLMEngine:
             **(engine_kwargs or {}),
         )
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        """For each prompt, ``params.n`` completions (see ``InferenceEngine.generate``)."""
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        between_steps: BetweenSteps | None = None,
+    ) -> list[list[Completion]]:
+        """For each prompt, ``params.n`` completions (see ``InferenceEngine.generate``).
+
+        ``between_steps`` runs once, before the requests are submitted (module doc): an
+        update it loads is recorded at token 0 of every completion.
+        """
         for i, prompt in enumerate(prompts):
             if len(prompt) == 0:
                 raise ValueError(f"prompts[{i}] is empty: generation needs at least one token")
@@ -186,10 +203,16 @@ class VLLMEngine:
             for plan in plans
         ]
         inputs = [{"prompt_token_ids": [int(t) for t in prompts[p.prompt_index]]} for p in plans]
+        # Outside the gate: the callback's load_weights waits for running generations.
+        version = between_steps() if between_steps is not None else None
         with self.gate.generating(self.gate_timeout_s):
             outputs = self.llm.generate(inputs, sampling, use_tqdm=False)
         raw = [_raw_samples(o) for o in outputs]
-        return regroup(plans, raw, len(prompts), params, self.eos_token_ids)
+        groups = regroup(plans, raw, len(prompts), params, self.eos_token_ids)
+        if version is None:
+            return groups
+        updates = ((0, version),)
+        return [[dataclasses.replace(c, weight_updates=updates) for c in g] for g in groups]
 
     def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
         """HF names with meta tensors (shapes only): vLLM holds the weights in its own layout."""
@@ -242,10 +265,10 @@ def build_vllm_engine(spec, model_dir: Path, start_dir: Path, vs: VLLMSettings) 
         )
         reserve = numel * getattr(torch, spec.model.dtype).itemsize + GIB  # receiver buffers
         fraction = vllm_memory_fraction(torch.cuda.get_device_properties(0).total_memory, reserve)
-    recomputed = spec.actor.recompute_old_log_prob and spec.actor.tis_imp_ratio_cap is None
+    recomputed = not spec.algorithm.rollout_correction.uses_behavior_log_probs
     return VLLMEngine(
         start_dir, tokenizer,
-        dtype=spec.model.dtype if vs.dtype == "auto" else vs.dtype,
+        dtype=spec.rollout.dtype if vs.dtype == "auto" else vs.dtype,
         tensor_parallel_size=vs.tensor_parallel_size,
         gpu_memory_utilization=fraction,
         max_model_len=vs.max_model_len or spec.data.max_prompt_length + spec.data.max_response_length,

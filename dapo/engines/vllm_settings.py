@@ -14,7 +14,7 @@ class VLLMSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="DAPO_VLLM_", extra="ignore", frozen=True)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """vLLM compute dtype; auto = the run spec's model.dtype."""
+    """vLLM compute dtype; auto = the run spec's rollout.dtype."""
     tensor_parallel_size: int = Field(1, ge=1)
     """GPUs one engine spans."""
     gpu_memory_utilization: float = Field(0.0, ge=0.0, lt=1.0)

@@ -255,9 +255,16 @@ def register_service(client: redis.Redis, kind: str, worker_id: str, info: dict,
 
 
 def live_services(client: redis.Redis) -> list[dict]:
+    """The registered services; an entry that is not a service's heartbeat (anyone with
+    access to Redis can write one) is skipped, not trusted."""
     out = []
     for key in client.scan_iter(match=f"{SERVICES_PREFIX}*", count=200):
         raw = client.get(key)
-        if raw:
-            out.append(json.loads(raw))
+        try:
+            entry = json.loads(raw) if raw else None
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("kind"), str):
+            if isinstance(entry.get("worker_id"), str):
+                out.append(entry)
     return sorted(out, key=lambda s: (s["kind"], s["worker_id"]))

@@ -12,9 +12,10 @@ Redis keys, all under `run_key(run_id, "weights")` = `dapo:{<run_id>}:weights:`
   rendezvous      hash, written by the learner at start: host, port (of its
                   TCPStore), incarnation (fresh per learner process),
                   fingerprint, layout (json specs + bucket_mb), summary,
-                  backend, timeout_s, join_timeout_s; then per update
-                  pending_version, plan (json: version, incarnation,
-                  generation, members, fingerprint), generation and version
+                  backend, timeout_s, collective_timeout_s, join_timeout_s;
+                  then per update pending_update (a counter), pending_version, plan
+                  (json: version, update, incarnation, generation, members,
+                  fingerprint), generation and version
                   (last completed broadcast). Deleted by `WeightSender.close`.
   workers         hash worker_id -> json {fingerprint}, written by each worker
                   at join and on every heartbeat.
@@ -22,8 +23,8 @@ Redis keys, all under `run_key(run_id, "weights")` = `dapo:{<run_id>}:weights:`
                   heartbeat thread every liveness_s / 3; expiry = presumed dead.
   inbox:{w}       list; the learner pushes wake-up tokens so a worker blocked
                   in `poll` reacts at once (tokens carry no data).
-  acks:{inc}:{v}  list; workers push json {worker_id, fingerprint} to take
-                  part in version v.
+  acks:{inc}:{u}  list; workers push json {worker_id, fingerprint} to take
+                  part in update u.
   expected        hash version -> checksum of the learner's buffers (last 64).
   reports         hash worker_id -> json {version, checksum, time}.
   latest          hash {version, checkpoint_dir}: the newest checkpoint.
@@ -33,10 +34,15 @@ from the learner's published specs (after checking its own parameter names and
 shapes against them; dtypes may differ, `load_fn` converts), registers and
 starts its heartbeat. It takes part from the next update on.
 
-One update (learner `broadcast(v)`; workers `poll()` between generation batches):
-  1. learner sets rendezvous.pending_version = v, pushes a token to the inbox
-     of every live registered worker;
-  2. a worker seeing a new (incarnation, pending_version) pushes its ack;
+One update (learner `broadcast(v)`; workers `poll()` between decode steps of a
+generation, between generation batches, or while idle):
+  1. learner sets rendezvous.pending_update = u (one more than the last) and
+     pending_version = v, pushes a token to the inbox of every live
+     registered worker; v may repeat (a resend to workers that missed it),
+     u never does;
+  2. a worker seeing a new (incarnation, pending_update) pushes its ack (also
+     a worker that joined while that update was pending: the learner counts
+     every live worker and waits for it);
   3. the learner collects acks until every live worker answered or
      `join_timeout_s` passed; members = the ackers, sorted (rank = index + 1);
   4. if members differ from the current generation's (a join, a leave, a
@@ -48,13 +54,16 @@ One update (learner `broadcast(v)`; workers `poll()` between generation batches)
      and publishes it in `expected`; workers receive, call `load_fn` with
      views of their buffers, and report version + checksum.
 
-Failures. Building a group and every broadcast carry `timeout_s`; a member
-that died or hangs makes the learner's `broadcast` raise `WeightSyncError`
-within about that time, and the generation is abandoned: the next update
-forms a new one from whoever acks. A worker whose collective fails raises
-`WeightSyncError` from `poll` and simply acks the next update. A worker that
-never acks (dead, or busy for longer than `join_timeout_s`) is left out of
-that update; its registration is dropped once its `alive` key expires. Every
+Failures. Building a group and the transfer of one broadcast are each bounded
+by the collective timeout, `timeout_s` plus the model's bytes at a minimum
+bandwidth (`dapo.weights.sender` says why); a member that died, hangs or
+crawls makes the learner's `broadcast` raise `WeightSyncError` within about
+that time, and the generation is abandoned: the next update forms a new one
+from whoever acks. A worker whose collective fails raises `WeightSyncError`
+from `poll` and simply acks the next update. A worker that never acks (dead,
+or busy for longer than `join_timeout_s`; a rollout worker whose engine takes
+updates between decode steps acks within one step) is left out of that
+update; its registration is dropped once its `alive` key expires. Every
 broadcast carries the full weights, so missing updates costs nothing but
 staleness. A worker that starts late can load the newest checkpoint
 (`needs_checkpoint`) to generate before the next update, which it joins by

@@ -64,7 +64,7 @@ class WeightReceiver:
         self.layout: BucketLayout | None = params if isinstance(params, BucketLayout) else None
         self.buffers: FlatBuffers | None = None
         self._rendezvous: dict[str, str] = {}
-        self._seen: tuple[str, int] | None = None  # last (incarnation, version) acked
+        self._seen: tuple[str, int] | None = None  # last (incarnation, update) acked
         self._group, self._group_id, self._store, self._store_id = None, None, None, None
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
@@ -77,8 +77,9 @@ class WeightReceiver:
                 raise TimeoutError(f"no weight-sync rendezvous at {self.keys.rendezvous}")
             time.sleep(0.1)
         self._adopt_layout(fields)
-        pending = fields.get("pending_version")
-        self._seen = (fields["incarnation"], int(pending)) if pending else None
+        # an update in progress is NOT marked seen: the learner counts a live worker (also
+        # one restarted under the same id) as a member-to-be and waits for its ack
+        self._seen = None
         self._register()
         self._heartbeat = threading.Thread(target=self._beat, name="weights-heartbeat", daemon=True)
         self._heartbeat.start()
@@ -120,7 +121,9 @@ class WeightReceiver:
     def poll(self, timeout_s: float = 0.0) -> int | None:
         """Takes part in a pending update, if any: returns the new version, else None.
 
-        With `timeout_s` > 0, blocks up to that long for an update to start.
+        With `timeout_s` 0, one Redis round trip when no update is pending, cheap
+        enough to call between two decode steps; with `timeout_s` > 0, blocks up to
+        that long for an update to start.
         Raises `WeightSyncError` if the collective fails (the next update
         forms a new generation) and `LayoutMismatchError` if the learner now
         runs another model.
@@ -129,35 +132,34 @@ class WeightReceiver:
             raise RuntimeError("WeightReceiver.poll before join()")
         deadline = time.monotonic() + timeout_s
         while True:
-            incarnation, pending = self.redis.hmget(
-                self.keys.rendezvous, ["incarnation", "pending_version"]
+            incarnation, update, version = self.redis.hmget(
+                self.keys.rendezvous, ["incarnation", "pending_update", "pending_version"]
             )
-            if incarnation is not None and pending is not None:
-                key = (_text(incarnation), int(pending))
+            if incarnation is not None and update is not None and version is not None:
+                key = (_text(incarnation), int(update))
                 if key != self._seen:
                     self._seen = key
-                    return self._take(*key)
+                    return self._take(*key, int(version))
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
             self.redis.blpop([self.keys.inbox(self.worker_id)], timeout=min(remaining, 1.0))
 
-    def _take(self, incarnation: str, version: int) -> int | None:
+    def _take(self, incarnation: str, update: int, version: int) -> int | None:
         """Steps 2, 4 and 5 of the protocol for one update."""
         self.redis.delete(self.keys.inbox(self.worker_id))
-        ack_key = self.keys.acks(incarnation, version)
+        ack_key = self.keys.acks(incarnation, update)
         ack = {"worker_id": self.worker_id, "fingerprint": self.layout.fingerprint}
         self.redis.pipeline().rpush(ack_key, json.dumps(ack)).expire(ack_key, KEY_TTL_S).execute()
-        plan = self._await_plan(incarnation, version)
+        plan = self._await_plan(incarnation, update)
         if plan is None or self.worker_id not in plan["members"]:
             return None  # too late for this update; the next one includes us
         try:
             self._ensure_group(plan)
-            works = [
-                start_broadcast(self._group, f, self._timeout()) for f in self.buffers.byte_views
-            ]
+            timeout = self._collective_timeout()
+            works = [start_broadcast(self._group, f, timeout) for f in self.buffers.byte_views]
             for work in works:
-                work.wait(self._timeout())
+                work.wait(timeout)  # per bucket: never shorter than the learner's whole wait
         except RuntimeError as error:
             self._leave_group()
             raise WeightSyncError(
@@ -171,19 +173,25 @@ class WeightReceiver:
     def _timeout(self) -> timedelta:
         return timedelta(seconds=float(self._rendezvous["timeout_s"]))
 
-    def _await_plan(self, incarnation: str, version: int) -> dict | None:
-        """Waits for the learner's plan for `version`; None if the learner moved on or vanished."""
+    def _collective_timeout(self) -> timedelta:
+        """The learner's bound on building a group and on one transfer (``dapo.weights.sender``);
+        a rendezvous of a learner that predates it has only ``timeout_s``."""
+        rv = self._rendezvous
+        return timedelta(seconds=float(rv.get("collective_timeout_s") or rv["timeout_s"]))
+
+    def _await_plan(self, incarnation: str, update: int) -> dict | None:
+        """Waits for the learner's plan for `update`; None if the learner moved on or vanished."""
         rv = self._rendezvous
         wait_s = float(rv["join_timeout_s"]) + float(rv["timeout_s"])
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             raw, current, pending = self.redis.hmget(
-                self.keys.rendezvous, ["plan", "incarnation", "pending_version"]
+                self.keys.rendezvous, ["plan", "incarnation", "pending_update"]
             )
             plan = json.loads(raw) if raw else None
-            if plan and plan["incarnation"] == incarnation and plan["version"] == version:
+            if plan and plan["incarnation"] == incarnation and plan.get("update") == update:
                 return plan
-            if _text(current) != incarnation or (pending is not None and int(pending) > version):
+            if _text(current) != incarnation or (pending is not None and int(pending) > update):
                 return None
             self.redis.blpop([self.keys.inbox(self.worker_id)], timeout=0.25)
         return None
@@ -213,7 +221,9 @@ class WeightReceiver:
             host = "127.0.0.1"  # learner on this machine: stay on loopback
         prefixed = dist.PrefixStore(f"gen{plan['generation']}", self._store)
         rank, size = plan["members"].index(self.worker_id) + 1, len(plan["members"]) + 1
-        self._group = make_group(prefixed, rank, size, self.device, self._timeout(), host)
+        self._group = make_group(
+            prefixed, rank, size, self.device, self._collective_timeout(), host
+        )
         self._group_id = group_id
 
     def _leave_group(self) -> None:

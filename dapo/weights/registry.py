@@ -45,8 +45,8 @@ class WeightKeys:
     def inbox(self, worker_id: str) -> str:
         return f"{self._base}:inbox:{worker_id}"
 
-    def acks(self, incarnation: str, version: int) -> str:
-        return f"{self._base}:acks:{incarnation}:{version}"
+    def acks(self, incarnation: str, update: int) -> str:
+        return f"{self._base}:acks:{incarnation}:{update}"
 
 
 def _text(value: bytes | str | None) -> str | None:

@@ -1,4 +1,25 @@
-"""Learner side of the weight sync: ``WeightSender`` (protocol in ``dapo.weights``)."""
+"""Learner side of the weight sync: ``WeightSender`` (protocol in ``dapo.weights``).
+
+How long the learner waits. A broadcast must never hang the learner on a slow
+or dead worker, yet a 64 GB model over a modest link legitimately takes
+minutes. So it has three bounded stages:
+
+- acks: at most ``join_timeout_s``. A rollout worker that takes updates between
+  decode steps acks within one step; one that does not (busy elsewhere, or an
+  engine without in-flight updates) is left out and catches up at a later
+  update, since every broadcast carries the full weights;
+- building a new group, and sending all buckets: each at most the collective
+  timeout, ``timeout_s + total_bytes / min_bandwidth``. One budget for the
+  whole model, growing with its bytes, rather than a fixed timeout per bucket:
+  a per-bucket timeout bounds a hung member but lets a crawling one (each
+  bucket just in time) hold the learner for buckets x timeout, and a single
+  fixed timeout would be wrong for either a 0.5B or a 32B model. The buckets
+  are waited on against one deadline.
+
+So ``broadcast`` returns or raises within about ``join_timeout_s`` + 2 x the
+collective timeout. The collective timeout is published in the rendezvous so
+workers wait as long as the learner does, not less.
+"""
 
 from __future__ import annotations
 
@@ -50,6 +71,12 @@ class SyncStats:
     total_s: float
 
 
+def collective_timeout_s(timeout_s: float, nbytes: int, min_bandwidth_mb_s: float) -> float:
+    """How long sending ``nbytes`` may take: a fixed allowance plus the bytes at the slowest
+    rate accepted (module doc)."""
+    return timeout_s + nbytes / (min_bandwidth_mb_s * (1 << 20))
+
+
 class WeightSender:
     """Learner side: owns the TCPStore, the generations and the source buffers.
 
@@ -60,9 +87,11 @@ class WeightSender:
     weights in memory; optimizers keep working since the Parameter objects
     stay the same. A tensor found elsewhere at broadcast time (re-created,
     moved, or passed in `broadcast(named_params=...)`) is simply copied.
-    `timeout_s` bounds group building and each broadcast; `join_timeout_s`
-    (default `timeout_s`) bounds the wait for acks and should be at least
-    `timeout_s` so a worker leaving a failed collective can ack the next one.
+    `join_timeout_s` (default `timeout_s`) bounds the wait for acks; a worker
+    leaving a failed collective can ack the next update only if it is at least
+    the collective timeout. The collective timeout (module doc) is `timeout_s`
+    plus the layout's bytes at `min_bandwidth_mb_s` MiB/s; it bounds building a
+    group and the whole transfer of one broadcast.
     """
 
     def __init__(
@@ -77,7 +106,12 @@ class WeightSender:
         timeout_s: float = 60.0,
         join_timeout_s: float | None = None,
         share_storage: bool = True,
+        min_bandwidth_mb_s: float = 100.0,
     ) -> None:
+        if timeout_s <= 0 or min_bandwidth_mb_s <= 0:
+            raise ValueError(
+                f"timeout_s ({timeout_s}) and min_bandwidth_mb_s ({min_bandwidth_mb_s}) must be > 0"
+            )
         self.redis, self.keys = redis_client, WeightKeys(run_id)
         self.run_id = run_id
         self.device = torch.device(device)
@@ -88,6 +122,9 @@ class WeightSender:
             self.buffers.adopt(named_params)
         self.timeout = timedelta(seconds=timeout_s)
         self.join_timeout_s = timeout_s if join_timeout_s is None else join_timeout_s
+        self.collective_timeout = timedelta(
+            seconds=collective_timeout_s(timeout_s, self.layout.total_bytes, min_bandwidth_mb_s)
+        )
         self._store = dist.TCPStore(
             host, port, is_master=True, wait_for_workers=False, timeout=self.timeout
         )
@@ -95,6 +132,7 @@ class WeightSender:
         self.incarnation = uuid.uuid4().hex[:12]
         self.generation, self.members, self.version = 0, (), None
         self._group, self._last_attempt = None, None
+        self.update = 0  # one per broadcast; receivers key updates by it, so a resend is new
         self.redis.delete(self.keys.rendezvous)
         self.redis.hset(self.keys.rendezvous, mapping=self._rendezvous_fields(timeout_s))
 
@@ -109,6 +147,7 @@ class WeightSender:
             "bucket_mb": self.layout.bucket_mb,
             "backend": "nccl" if self.device.type == "cuda" else "gloo",
             "timeout_s": timeout_s,
+            "collective_timeout_s": self.collective_timeout.total_seconds(),
             "join_timeout_s": self.join_timeout_s,
             "generation": 0,
         }
@@ -119,12 +158,14 @@ class WeightSender:
         """Sends the current weights as `version` to every worker that acks in time.
 
         `named_params` replaces the tensors given at construction for this call
-        (e.g. a freshly gathered full state dict). Versions must increase.
+        (e.g. a freshly gathered full state dict). Versions never decrease; the same version
+        may be sent again, to reach workers that missed it (each call is a new update).
         Raises `WeightSyncError` (generation abandoned) when a member fails.
         """
-        if self._last_attempt is not None and version <= self._last_attempt:
-            raise ValueError(f"version {version} is not above the last one, {self._last_attempt}")
+        if self._last_attempt is not None and version < self._last_attempt:
+            raise ValueError(f"version {version} is below the last one, {self._last_attempt}")
         self._last_attempt = version
+        self.update += 1
         start = time.perf_counter()
         params = self._params if named_params is None else dict(named_params)
         members = self._collect_acks(version)
@@ -138,17 +179,18 @@ class WeightSender:
             if new_group:
                 prefixed = dist.PrefixStore(f"gen{self.generation}", self._store)
                 self._group = make_group(
-                    prefixed, 0, len(members) + 1, self.device, self.timeout, self.host
+                    prefixed, 0, len(members) + 1, self.device, self.collective_timeout, self.host
                 )
                 self.members = members
             rendezvous_s = time.perf_counter() - start
+            deadline = time.monotonic() + self.collective_timeout.total_seconds()
             works, pack_s = self._pack_and_send(params)
             tick = time.perf_counter()
             checksum = self.buffers.checksum()  # overlaps with the bytes in flight
             checksum_s = time.perf_counter() - tick
             self._publish_expected(version, checksum)
-            for work in works:
-                work.wait(self.timeout)
+            for work in works:  # one deadline for the whole model (module doc)
+                work.wait(timedelta(seconds=max(deadline - time.monotonic(), 1e-3)))
         except RuntimeError as error:
             self._abandon()
             raise WeightSyncError(
@@ -166,10 +208,13 @@ class WeightSender:
 
     def _collect_acks(self, version: int) -> tuple[str, ...]:
         """Steps 1-3: announce `version`, wait for the live workers' acks, return the ackers."""
-        self.redis.hset(self.keys.rendezvous, "pending_version", version)
+        self.redis.hset(
+            self.keys.rendezvous,
+            mapping={"pending_version": version, "pending_update": self.update},
+        )
         waiting = live_workers(self.redis, self.run_id)
         self._wake(waiting, version)
-        ack_key = self.keys.acks(self.incarnation, version)
+        ack_key = self.keys.acks(self.incarnation, self.update)
         deadline = time.monotonic() + self.join_timeout_s
         acked: set[str] = set()
         while not waiting <= acked and (remaining := deadline - time.monotonic()) > 0:
@@ -198,6 +243,7 @@ class WeightSender:
     def _publish_plan(self, version: int, members: tuple[str, ...]) -> None:
         plan = {
             "version": version,
+            "update": self.update,
             "incarnation": self.incarnation,
             "generation": self.generation,
             "members": list(members),
@@ -217,7 +263,7 @@ class WeightSender:
             self.buffers.pack_bucket(index, params)
             pack_s += time.perf_counter() - tick
             if self._group is not None:
-                works.append(start_broadcast(self._group, flat, self.timeout))
+                works.append(start_broadcast(self._group, flat, self.collective_timeout))
         return works, pack_s
 
     def _publish_expected(self, version: int, checksum: str) -> None:

@@ -50,6 +50,7 @@ from proto.lifecycle import ACTIONS
 from proto.runspec import RunSpec
 from proto.state import RunState
 from proto.vocab import RUN_ID_PATTERN
+from services.api.guard import GuardMiddleware, SafeJSONResponse
 from services.api.settings import ApiSettings
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ def add_run_routes(app: FastAPI) -> None:
     # The schema sits behind the token like every control route (no open /docs page).
     @app.get("/openapi.json", include_in_schema=False, dependencies=Authed)
     def openapi_schema(request: Request) -> JSONResponse:
-        return JSONResponse(request.app.openapi())
+        return SafeJSONResponse(request.app.openapi())
 
 
 def add_transition_route(app: FastAPI, action: str) -> None:
@@ -240,11 +241,11 @@ def add_probe_routes(app: FastAPI) -> None:
             store.client.ping()
             services = live_services(store.client)
         except redis.RedisError as exc:
-            return JSONResponse({"status": "not ready", "reason": f"redis: {exc}"}, 503)
+            return SafeJSONResponse({"status": "not ready", "reason": f"redis: {exc}"}, 503)
         if not services:
-            return JSONResponse({"status": "not ready", "reason": "no service registered"}, 503)
+            return SafeJSONResponse({"status": "not ready", "reason": "no service registered"}, 503)
         kinds = sorted({s["kind"] for s in services})
-        return JSONResponse({"status": "ready", "services": kinds})
+        return SafeJSONResponse({"status": "ready", "services": kinds})
 
     @app.get("/metrics", response_class=Response)
     def metrics(request: Request) -> Response:
@@ -269,7 +270,7 @@ def _error_reply(status: int) -> Callable[[Request, Exception], Awaitable[JSONRe
             detail = f"run store unavailable: {exc}"
         else:
             detail = str(exc)
-        return JSONResponse({"detail": detail}, status_code=status)
+        return SafeJSONResponse({"detail": detail}, status_code=status)
 
     return reply
 
@@ -290,7 +291,7 @@ def add_error_handlers(app: FastAPI) -> None:
         errors = exc.errors()
         body = {"detail": jsonable_encoder(errors, custom_encoder={Exception: str})}
         body["message"] = _readable(errors)  # the same errors as "field.path: message" lines
-        return JSONResponse(body, status_code=422)
+        return SafeJSONResponse(body, status_code=422)
 
     for kind, status in ERROR_STATUS.items():
         app.add_exception_handler(kind, _error_reply(status))
@@ -313,6 +314,7 @@ def create_app(settings: ApiSettings, client: redis.Redis | None = None) -> Fast
         version="1",
         description="Start, stop, pause and inspect DAPO training runs.",
         lifespan=lifespan,
+        default_response_class=SafeJSONResponse,
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
@@ -321,6 +323,7 @@ def create_app(settings: ApiSettings, client: redis.Redis | None = None) -> Fast
     app.state.store = store
     app.state.token = settings.resolved_token()
     app.state.registry = CollectorRegistry()
+    app.add_middleware(GuardMiddleware, token=app.state.token, max_body=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=ApiMetrics(app.state.registry, store))
     add_run_routes(app)
     add_probe_routes(app)

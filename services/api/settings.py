@@ -34,6 +34,8 @@ class ApiSettings(ServiceSettings):
     """Serve without authentication; only honoured when no token is configured."""
     allow_concurrent_runs: bool = False
     """Accept a new run while another one is still active (DAPO_ALLOW_CONCURRENT_RUNS)."""
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=1 << 30)
+    """Largest request body accepted (DAPO_MAX_BODY_BYTES); a run spec is a few KiB."""
     autostart_config: Path | None = None
     """Run spec YAML started at startup when no run is active (DAPO_AUTOSTART_CONFIG)."""
 

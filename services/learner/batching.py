@@ -23,10 +23,12 @@ class PackedSamples:
     attention_mask: torch.Tensor  # (B, S) long
     resp_pos: torch.Tensor  # (B, T) long: logits position predicting response token t
     resp_ids: torch.Tensor  # (B, T) long: response tokens (0 where masked)
-    mask: torch.Tensor  # (B, T) float: 1 for real response tokens
+    mask: torch.Tensor  # (B, T) float: 1 for response tokens that count (real ones at first)
     old_logp_rollout: torch.Tensor  # (B, T) float: behaviour log-probs recorded at rollout
+    versions: torch.Tensor  # (B, T) long: policy version that generated each response token
     advantages: torch.Tensor  # (B,) float
     truncated: torch.Tensor  # (B,) bool
+    lengths: torch.Tensor  # (B,) long: response length (the mask may have holes: rejection)
     group_index: torch.Tensor  # (B,) long: which group (prompt) each row belongs to
 
     def __len__(self) -> int:
@@ -36,11 +38,10 @@ class PackedSamples:
         """Rows of every tensor, trimmed to the longest sequence/response among them."""
         sub = {k: getattr(self, k)[rows] for k in self.__dataclass_fields__}
         s = int(sub["attention_mask"].sum(1).max())
-        t = int(sub["mask"].sum(1).max()) if sub["mask"].numel() else 0
-        t = max(t, 1)
+        t = max(int(sub["lengths"].max()) if sub["lengths"].numel() else 0, 1)
         for k in ("input_ids", "attention_mask"):
             sub[k] = sub[k][:, :s]
-        for k in ("resp_pos", "resp_ids", "mask", "old_logp_rollout"):
+        for k in ("resp_pos", "resp_ids", "mask", "old_logp_rollout", "versions"):
             sub[k] = sub[k][:, :t]
         return PackedSamples(**sub)
 
@@ -67,7 +68,9 @@ def pack_batch(batch: TrainingBatch, pad_id: int, norm_adv_by_std: bool) -> Pack
     resp_ids = torch.zeros((b, t_len), dtype=torch.long)
     mask = torch.zeros((b, t_len), dtype=torch.float32)
     old = torch.zeros((b, t_len), dtype=torch.float32)
+    versions = torch.zeros((b, t_len), dtype=torch.long)
     truncated = torch.zeros(b, dtype=torch.bool)
+    lengths = torch.zeros(b, dtype=torch.long)
     for i, (prompt, sample) in enumerate(rows):
         p, n = prompt.size, sample.response_ids.size
         input_ids[i, :p] = torch.from_numpy(prompt.astype("int64"))
@@ -77,7 +80,9 @@ def pack_batch(batch: TrainingBatch, pad_id: int, norm_adv_by_std: bool) -> Pack
         resp_ids[i, :n] = input_ids[i, p : p + n]
         mask[i, :n] = 1.0
         old[i, :n] = torch.from_numpy(sample.logprobs.astype("float32"))
+        versions[i, :n] = torch.from_numpy(sample.token_versions())
         truncated[i] = sample.finish_reason == "length"
+        lengths[i] = n
     return PackedSamples(
         input_ids,
         attn,
@@ -85,8 +90,10 @@ def pack_batch(batch: TrainingBatch, pad_id: int, norm_adv_by_std: bool) -> Pack
         resp_ids,
         mask,
         old,
+        versions,
         torch.tensor(advs, dtype=torch.float32),
         truncated,
+        lengths,
         torch.tensor(group_idx),
     )
 

@@ -2,7 +2,7 @@
 
 ``<run>/checkpoints/step_000012/`` holds ``model.safetensors`` + ``config.json``
 + tokenizer files (loadable by plain ``AutoModelForCausalLM.from_pretrained``),
-plus ``trainer_state.json`` (step, policy version, optimizer step count) and
+plus ``trainer_state.json`` (step, policy version, training and optimizer step counts) and
 ``optimizer.pt``. A checkpoint is written to a temporary folder and renamed
 into place, so a crash never leaves a half-written "newest" checkpoint.
 """

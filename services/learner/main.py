@@ -36,6 +36,13 @@ class LearnerSettings(ServiceSettings):
     """Address rollout workers reach the learner's weight-sync store on (DAPO_SYNC_HOST)."""
     sync_port: int = Field(0, ge=0, le=65535)
     """Port of the weight-sync store (0 = a free one)."""
+    sync_join_timeout_s: float = Field(60.0, gt=0, le=3600)
+    """Longest wait for live rollout workers to ack an update; a late one catches up later."""
+    sync_timeout_s: float = Field(60.0, gt=0, le=3600)
+    """Base allowance of the weight-sync collectives (group set-up, one broadcast)."""
+    sync_min_bandwidth_mb_s: float = Field(100.0, gt=0)
+    """Slowest rate (MiB/s) a broadcast may crawl at: the collective timeout is
+    sync_timeout_s plus the model's bytes at this rate (DAPO_SYNC_MIN_BANDWIDTH_MB_S)."""
     world_size: int = Field(1, ge=1, le=65536, validation_alias="WORLD_SIZE")
     """Learner ranks, set by torchrun (WORLD_SIZE); 1 for a plain process."""
     local_rank: int = Field(0, ge=0, le=1024, validation_alias="LOCAL_RANK")
@@ -67,6 +74,9 @@ def open_sender(rt: ServiceRuntime, policy: Policy, settings: LearnerSettings) -
         device=ranks.device,
         host=settings.sync_host,
         port=settings.sync_port,
+        timeout_s=settings.sync_timeout_s,
+        join_timeout_s=settings.sync_join_timeout_s,
+        min_bandwidth_mb_s=settings.sync_min_bandwidth_mb_s,
         share_storage=not sharded,
     )
 

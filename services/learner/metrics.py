@@ -1,10 +1,18 @@
-"""Prometheus series of the learner (units as name suffixes)."""
+"""Prometheus series of the learner (units as name suffixes).
+
+A step figure ``k`` (a key of ``Trainer.train_batch``'s figures, as in ``metrics.jsonl``)
+becomes the gauge ``dapo_learner_<k>`` with ``/`` read as ``_``: ``rollout_corr/k3_kl`` is
+``dapo_learner_rollout_corr_k3_kl``. The token-lag histogram of each step and the samples the
+learner drops as stale are counters, so ``rate()`` gives their distribution over time.
+"""
 
 from __future__ import annotations
 
 import time
 
 from prometheus_client import Counter, Gauge, Histogram
+
+from dapo.algorithm.off_policy import LAG_BUCKETS
 
 _STEP_GAUGES = {
     "loss": "Policy loss of the last batch (mean over its mini-batches)",
@@ -20,7 +28,19 @@ _STEP_GAUGES = {
     "kept_ratio": "Kept groups / groups seen while filling the batch",
     "overlong_frac": "Fraction of truncated samples in the batch",
     "version_lag": "Mean policy-version lag of the batch's groups",
+    "pg_loss": "Policy-gradient term of the loss (mean over the batch's mini-batches)",
+    "rollout_corr/rollout_is_mean": "Mean importance ratio proximal / behaviour (untruncated)",
+    "rollout_corr/rollout_is_max": "Largest importance ratio proximal / behaviour",
+    "rollout_corr/rollout_is_ratio_fraction_high": "Fraction of importance weights truncated",
+    "rollout_corr/rollout_rs_masked_fraction": "Fraction of tokens rejected (masked)",
+    "rollout_corr/rollout_is_veto_fraction": "Fraction of sequences vetoed",
+    "rollout_corr/kl": "KL(behaviour || proximal), k1 estimate over the batch's tokens",
+    "rollout_corr/k3_kl": "KL(behaviour || proximal), k3 estimate over the batch's tokens",
+    "rollout_corr/log_prob_abs_diff_max": "Largest |recomputed - rollout| token log-prob",
+    "staleness/lag_mean": "Mean lag (learner version - token version) of the batch's tokens",
+    "staleness/lag_max": "Largest lag of the batch's tokens",
 }
+"""Step figures published as gauges, with their help text."""
 
 
 class LearnerMetrics:
@@ -36,8 +56,20 @@ class LearnerMetrics:
             "dapo_learner_skipped_steps", "Optimizer steps skipped (non-finite)", registry=registry
         )
         self.gauges = {
-            k: Gauge(f"dapo_learner_{k}", h, registry=registry) for k, h in _STEP_GAUGES.items()
+            k: Gauge(f"dapo_learner_{k.replace('/', '_')}", h, registry=registry)
+            for k, h in _STEP_GAUGES.items()
         }
+        self.token_lag = Counter(
+            "dapo_learner_token_lag_tokens",
+            "Response tokens reaching the learner, by lag (learner version - generating version)",
+            ["lag"],
+            registry=registry,
+        )
+        self.stale_dropped = Counter(
+            "dapo_learner_stale_samples_dropped",
+            "Samples masked out by the learner: a token older than max_staleness",
+            registry=registry,
+        )
         self.resp_len = Histogram(
             "dapo_learner_response_length_tokens",
             "Mean response length per batch",
@@ -70,8 +102,12 @@ class LearnerMetrics:
         if f.get("skipped_steps"):
             self.skipped.inc(f["skipped_steps"])
         for k, g in self.gauges.items():
-            if k in f:
+            if f.get(k) is not None:
                 g.set(f[k])
+        for bucket in LAG_BUCKETS:
+            label = "3+" if bucket == "3plus" else bucket
+            self.token_lag.labels(label).inc(f.get(f"staleness/tokens_lag_{bucket}", 0.0))
+        self.stale_dropped.inc(f.get("staleness/dropped_samples", 0.0))
         self.resp_len.observe(f["response_length_mean"])
         self.step_seconds.observe(f["train_s"])
 

@@ -30,6 +30,8 @@ from services.learner.seams import Tokenizer, TrainablePolicy, WeightBroadcaster
 
 log = logging.getLogger(__name__)
 CONSUMER = "learner-0"
+RESEND_INTERVAL_S = 5.0
+"""How often an idle learner checks that every live worker holds its version."""
 
 
 @dataclass
@@ -50,6 +52,8 @@ class LearnerLoop:
     last_ckpt: Path | None = None
     _ckpt_step: int = -1
     _last_broadcast: int | None = None
+    _published: int | None = None
+    _last_try: float = 0.0
 
     def __post_init__(self) -> None:
         self.metrics = LearnerMetrics(self.rt.registry)
@@ -59,6 +63,8 @@ class LearnerLoop:
             self._ckpt_step = self.step
 
     def announce(self, checksum: str, num_bytes: int) -> None:
+        """Tell everyone that rollout workers hold this version now (the sampler dispatches
+        for the batches it may train by it)."""
         msg = WeightVersion(
             run_id=self.rt.run_id,
             version=self.policy.version,
@@ -68,6 +74,10 @@ class LearnerLoop:
             checkpoint_dir=str(self.last_ckpt) if self.last_ckpt else None,
         )
         self.rt.bus.publish("versions", msg)
+        self._published = self.policy.version
+
+    def record_progress(self) -> None:
+        """Step and version in the run state: the sampler judges staleness by them."""
         self.rt.store.update(self.rt.run_id, step=self.step, policy_version=self.policy.version)
 
     def run(self) -> None:
@@ -75,26 +85,40 @@ class LearnerLoop:
         starts in agreement, then train."""
         if self.last_ckpt is not None:
             self.sender.publish_checkpoint(self.policy.version, str(self.last_ckpt))
+        self.record_progress()
         self.broadcast()
         self.serve()
 
     def broadcast(self) -> None:
-        """Send the weights; a worker that died mid-transfer only costs this round."""
+        """Send the weights. A version is announced only once a broadcast has reached a worker:
+        a failed one (a worker died mid-transfer) or one nobody joined is tried again while
+        the learner waits for its next batch (``maybe_resend``)."""
         version = self.policy.version
+        self._last_try = time.monotonic()
         try:
             stats = self.sender.broadcast(version, self.policy.gather_weights())
         except WeightSyncError as exc:
-            log.warning(
-                "weight broadcast of version %d failed: %s (workers catch up at the next one)",
-                version,
-                exc,
-            )
+            log.warning("weight broadcast of version %d failed: %s (sent again)", version, exc)
             self.metrics.sync_failures.inc()
-            self.announce("", 0)
             return
         self.metrics.observe_sync(stats)
-        self.announce(stats.checksum, stats.bytes)
+        if stats.members and self._published != version:
+            self.announce(stats.checksum, stats.bytes)
         self.check_workers()
+
+    def maybe_resend(self) -> None:
+        """While no batch arrives: send the current version again if the last broadcast did
+        not reach every live worker. Without it, a strictly on-policy run whose only worker
+        missed a version would wait forever for groups of that version."""
+        if time.monotonic() - self._last_try < RESEND_INTERVAL_S:
+            return
+        behind = self.sender.disagreeing_workers(self.policy.version)
+        if behind or self._published != self.policy.version:
+            if behind:
+                log.info("sending version %d again to %s", self.policy.version, sorted(behind))
+            self.broadcast()
+        else:
+            self._last_try = time.monotonic()
 
     def check_workers(self) -> None:
         """Workers that did not load the previous broadcast bit for bit (they catch up at this
@@ -137,10 +161,9 @@ class LearnerLoop:
             train_s=time.perf_counter() - t0,
             time=time.time(),
         )
+        self.record_progress()
         if self.policy.version != version_before:  # weights changed: send them
             self.broadcast()
-        else:
-            self.rt.store.update(self.rt.run_id, step=self.step)
         self.metrics.observe_step(figures)
         self.rt.store.report_step(
             self.rt.run_id,
@@ -170,10 +193,13 @@ class LearnerLoop:
             if self.rt.paused():
                 self.rt.idle(0.5)
                 continue
-            for d in self.rt.bus.consume(
+            got = self.rt.bus.consume(
                 "batches", "learner", CONSUMER, count=1, block_ms=500, reclaim=False
-            ):
+            )
+            for d in got:
                 self.handle(d)
+            if not got:
+                self.maybe_resend()
         if self._ckpt_step != self.step:  # also on SIGTERM: nothing trained is lost
             self.checkpoint()
         final = str(self.last_ckpt)

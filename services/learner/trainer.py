@@ -1,12 +1,21 @@
-"""One training batch -> optimizer steps with the DAPO loss.
+"""One training batch (a training step) -> optimizer steps with the DAPO loss.
 
-The trainer owns the model, the optimizer and the policy version. Per batch:
-old log-probs are fixed first (recomputed with the current weights, or the
-rollout's), then each mini-batch of ``ppo_mini_batch_size`` groups is split
-into micro-batches whose losses are normalised by the *mini-batch's* token
-(or sequence) count, so gradient accumulation is exact. A step whose loss or
-gradient norm is not finite is skipped and counted; the version only moves
-when the weights do.
+The trainer owns the model, the optimizer and three counters: ``training_steps``
+(batches trained), ``optimizer_steps`` and the policy ``version``, which moves by one
+per training step whose update changed the weights (at least one optimizer step), so
+"lag = learner version at the step - version that generated a token" counts training
+steps. The learning-rate schedule moves once per training step too: every mini-batch of
+step k uses lr * min(1, (k + 1) / lr_warmup_steps), verl's meaning.
+
+Per batch, before any update: samples with a token older than ``algorithm.max_staleness``
+versions are masked out entirely (and counted); the PPO anchor is fixed (in decoupled mode
+the proximal log-probs, recomputed with the current weights, with the importance weights
+and rejection masks of ``algorithm.rollout_correction`` read from their ratio to the
+behaviour log-probs; in bypass mode the behaviour log-probs themselves). Then each
+mini-batch of ``ppo_mini_batch_size`` groups is split into micro-batches whose losses are
+normalised by the *mini-batch's* token (or sequence) count, so gradient accumulation is
+exact. A mini-batch with no counted token takes no step; one whose loss or gradient norm
+is not finite is skipped and counted.
 
 The trainer runs on ``ranks`` (``services.learner.ranks``; a world of one
 unless given). Over several ranks (an FSDP-sharded model under torchrun, see
@@ -27,22 +36,25 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from dapo.algorithm.loss import (
+    SHARE_METRICS,
     apply_overlong_filter,
     loss_normalizer,
     policy_loss,
     token_log_probs,
 )
+from dapo.algorithm.off_policy import lag_metrics, mask_rows, rollout_correction, stale_rows
 from proto.messages import TrainingBatch
 from proto.runspec import RunSpec
 from services.learner.batching import PackedSamples, micro_batches, mini_batches, pack_batch
 from services.learner.ranks import Ranks, SoloRanks, padded_share
 
 # figures already identical on every rank (not summed over ranks)
-_GLOBAL_FIGURES = ("loss", "grad_norm", "skipped", "lr", "_mini")
+_GLOBAL_FIGURES = ("loss", "grad_norm", "skipped", "_mini")
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
-    """Linear warm-up to 1 over ``warmup_steps`` optimizer steps, then constant."""
+    """Linear warm-up to 1 over ``warmup_steps`` training steps, then constant; ``step`` is
+    the 0-based index of the training step."""
     return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
 
 
@@ -65,6 +77,7 @@ class Trainer:
     version: int = 0
     optimizer_steps: int = 0
     skipped_steps: int = 0
+    training_steps: int = 0
     ref_model: torch.nn.Module | None = None
     ranks: Ranks = field(default_factory=SoloRanks)
     optimizer: torch.optim.Optimizer = field(init=False)
@@ -74,8 +87,9 @@ class Trainer:
         self._set_lr()
 
     def _set_lr(self) -> float:
+        """The learning rate of training step ``training_steps`` (the next one)."""
         o = self.spec.actor.optim
-        lr = o.lr * warmup_factor(self.optimizer_steps, o.lr_warmup_steps)
+        lr = o.lr * warmup_factor(self.training_steps, o.lr_warmup_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         return lr
@@ -122,54 +136,64 @@ class Trainer:
         return dtype
 
     def train_batch(self, batch: TrainingBatch) -> dict[str, float]:
+        """One training step on ``batch``; its figures (identical on every rank)."""
         actor = self.spec.actor
         packed = pack_batch(batch, self.pad_id, self.spec.algorithm.norm_adv_by_std_in_grpo)
+        lr = self.optimizer.param_groups[0]["lr"]
+        figures = self._drop_stale(packed)
         if actor.overlong_filter:
             packed.mask = apply_overlong_filter(packed.mask, packed.truncated)
         self.model.eval()  # dropout off: log-probs must match the rollout policy's
-        old = self._fixed_logp(self.model, packed) if actor.recompute_old_log_prob else None
+        old, is_weights = self._anchor(packed, figures)
         ref = self._fixed_logp(self.ref_model, packed) if self.ref_model is not None else None
         sums: dict[str, float] = defaultdict(float)
         steps = 0
         for _ in range(actor.ppo_epochs):
             for rows in mini_batches(packed, actor.ppo_mini_batch_size):
-                stepped = self._mini_batch(packed, rows, old, ref, sums)
+                stepped = self._mini_batch(packed, rows, (old, is_weights, ref), sums)
                 steps += int(stepped)
         local = {k: v for k, v in sums.items() if k not in _GLOBAL_FIGURES}
         sums.update(self.ranks.sum_dicts(local))  # token-weighted figures were summed per rank
-        return self._summary(batch, packed, sums, steps)
+        self.training_steps += 1
+        self.version += int(steps > 0)  # one version per step that changed the weights
+        self._set_lr()
+        return {**self._summary(batch, packed, sums, steps), **figures, "lr": lr}
 
-    def _mini_batch(self, packed, rows, old, ref, sums) -> bool:
+    def _drop_stale(self, packed: PackedSamples) -> dict[str, float]:
+        """Masks out every sample with a token older than ``algorithm.max_staleness``
+        versions; the lag figures of the batch's tokens and the samples dropped."""
+        lag = self.version - packed.versions  # (B, T): training steps since each token
+        figures = lag_metrics(lag, packed.mask)
+        stale = stale_rows(lag, packed.mask, self.spec.algorithm.max_staleness)  # (B,)
+        packed.mask = mask_rows(packed.mask, stale)
+        figures["staleness/dropped_samples"] = float(stale.sum())
+        return figures
+
+    def _anchor(self, packed: PackedSamples, figures: dict[str, float]):
+        """(old, is_weights): the PPO anchor's log-probs (B, T), None for the behaviour ones
+        (bypass mode), and the importance weights (B, T) or None. In decoupled mode the
+        proximal log-probs are recomputed and the correction's rejection is applied to
+        ``packed.mask``; its figures are added to ``figures``."""
+        corr = self.spec.algorithm.rollout_correction
+        if corr.bypass_mode:
+            return None, None
+        old = self._fixed_logp(self.model, packed)
+        c = rollout_correction(old, packed.old_logp_rollout.to(old.dtype), packed.mask, corr)
+        packed.mask = c.mask
+        figures.update(c.metrics)
+        return old, c.weights
+
+    def _mini_batch(self, packed, rows, fixed, sums) -> bool:
+        """One optimizer step on the mini-batch ``rows``; whether the weights changed."""
         actor = self.spec.actor
+        if not bool(packed.mask[rows].any()):  # all masked: nothing to learn, no step
+            return False
         horizon = self.spec.data.max_response_length
         normalizer = loss_normalizer(packed.mask[rows], actor.loss_agg_mode, horizon=horizon)
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = 0.0
         for mrows, dummy in self._share(micro_batches(rows, actor.ppo_micro_batch_size)):
-            mb = packed.select(mrows).to(self.device)
-            t = mb.mask.shape[1]
-            logp, logits = self.forward_logp(self.model, mb, with_logits=True)
-            if dummy:  # same collectives as the other ranks, zero gradient
-                (logp * 0.0).sum().backward()
-                continue
-            logp_old = old[mrows, :t].to(self.device) if old is not None else mb.old_logp_rollout
-            loss, m = policy_loss(
-                logp,
-                logp_old.detach(),
-                mb.advantages,
-                mb.mask,
-                actor,
-                normalizer=normalizer,
-                logp_behavior=mb.old_logp_rollout if actor.tis_imp_ratio_cap else None,
-                logp_ref=ref[mrows, :t].to(self.device) if ref is not None else None,
-                logits=logits,
-            )
-            loss.backward()
-            total_loss += float(loss.detach())
-            tokens = float(mb.mask.sum())
-            for k, v in m.items():
-                sums[k] += float(v) * tokens
-            sums["_tokens"] += tokens
+            total_loss += self._micro_batch(packed, mrows, dummy, fixed, normalizer, sums)
         total_loss = float(  # every rank must agree on the skip test below
             self.ranks.all_reduce_sum(torch.tensor([total_loss], dtype=torch.float64))[0]
         )
@@ -184,20 +208,48 @@ class Trainer:
             self.skipped_steps += 1
             sums["skipped"] += 1
             return False
-        sums["lr"] = self._set_lr()
         self.optimizer.step()
         self.optimizer_steps += 1
-        self.version += 1
-        self._set_lr()
         return True
+
+    def _micro_batch(self, packed, mrows, dummy, fixed, normalizer, sums) -> float:
+        """Forward and backward of one micro-batch; its loss (0 for a dummy)."""
+        old, is_weights, ref = fixed
+        mb = packed.select(mrows).to(self.device)
+        t = mb.mask.shape[1]
+        logp, logits = self.forward_logp(self.model, mb, with_logits=True)
+        if dummy:  # same collectives as the other ranks, zero gradient
+            (logp * 0.0).sum().backward()
+            return 0.0
+
+        def rows_of(x):  # (B, T) batch tensor -> this micro-batch's rows, trimmed to T
+            return None if x is None else x[mrows, :t].to(self.device)
+
+        loss, m = policy_loss(
+            logp,
+            mb.old_logp_rollout if old is None else rows_of(old),
+            mb.advantages,
+            mb.mask,
+            self.spec.actor,
+            normalizer=normalizer,
+            is_weights=rows_of(is_weights),
+            logp_ref=rows_of(ref),
+            logits=logits,
+        )
+        loss.backward()
+        tokens = float(mb.mask.sum())
+        for k, v in m.items():  # shares add up to the mini-batch value; means by tokens
+            sums[k] += float(v) if k in SHARE_METRICS else float(v) * tokens
+        sums["_tokens"] += tokens
+        return float(loss.detach())
 
     @torch.no_grad()
     def _summary(self, batch, packed, sums, steps) -> dict[str, float]:
         tokens, mini = max(sums.pop("_tokens", 0.0), 1.0), max(sums.pop("_mini", 0.0), 1.0)
         out = {
-            k: v / tokens
+            k: v / (mini if k in SHARE_METRICS else tokens)
             for k, v in sums.items()
-            if k not in ("loss", "grad_norm", "skipped", "lr")
+            if k not in ("loss", "grad_norm", "skipped")
         }
         samples = [s for g in batch.groups for s in g.samples]
         st = batch.stats
@@ -205,7 +257,6 @@ class Trainer:
         out.update(
             loss=sums["loss"] / mini,
             grad_norm=sums["grad_norm"] / mini,
-            lr=sums.get("lr", self.optimizer.param_groups[0]["lr"]),
             skipped_steps=sums.get("skipped", 0.0),
             optimizer_steps=float(steps),
             reward_mean=sum(s.score for s in samples) / len(samples),
@@ -221,16 +272,21 @@ class Trainer:
         return out
 
     def state(self) -> dict:
+        """The counters ``trainer_state.json`` keeps."""
         return {
             "version": self.version,
             "optimizer_steps": self.optimizer_steps,
             "skipped_steps": self.skipped_steps,
+            "training_steps": self.training_steps,
         }
 
     def load_state(self, state: dict, optimizer_state: dict | None) -> None:
+        """Counters (a state without ``training_steps`` falls back on the checkpoint's
+        ``step``, the batches trained) and optimizer state; the learning rate follows."""
         self.version = int(state["version"])
         self.optimizer_steps = int(state["optimizer_steps"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.training_steps = int(state.get("training_steps", state.get("step", 0)))
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
         self._set_lr()

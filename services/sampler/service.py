@@ -29,7 +29,13 @@ from proto.messages import (
 )
 from proto.runspec import RunSpec
 from proto.state import account_from_counters
-from services.sampler.batcher import BatchAssembler, check_gen_budget, gen_rounds
+from services.sampler.batcher import (
+    BatchAssembler,
+    check_gen_budget,
+    gen_rounds,
+    training_version,
+    useful_prompts,
+)
 
 log = logging.getLogger(__name__)
 ACCOUNT = "account"
@@ -86,7 +92,8 @@ class Sampler:
     source: PromptSource
     metrics: SamplerMetrics
     consumer: str = "sampler-0"
-    published: list[int] = field(default_factory=lambda: [0])
+    published: int = 0
+    """Newest policy version the learner has published (rollout workers can hold it)."""
     _versions_cursor: str = "0-0"
     _assembler: BatchAssembler = field(init=False)
     _stats: dict = field(default_factory=dict)
@@ -108,37 +115,45 @@ class Sampler:
         """Follow the learner's announcements (read without a group: every reader sees all)."""
         self._versions_cursor, versions = self.rt.bus.read("versions", self._versions_cursor)
         for msg in versions:
-            if msg.version > self.published[-1]:
-                self.published.append(msg.version)
+            self.published = max(self.published, msg.version)
+
+    def train_version(self, batch_id: int) -> int:
+        """The policy version that will train batch ``batch_id`` (``batcher.training_version``)."""
+        state = self.rt.state(max_age_s=0.05)
+        return training_version(batch_id, state.step, state.policy_version)
 
     # -- dispatch --------------------------------------------------------------
     def dispatch(self) -> int:
         acc = self.account()
-        total = self.spec.trainer.total_training_steps
-        if acc["batches"] >= total:
+        if acc["batches"] >= self.spec.trainer.total_training_steps:
             return 0
-        ahead = acc["batches"] - self.rt.state(max_age_s=0.05).step
-        if ahead > self.spec.algorithm.max_staleness:
-            return 0  # the learner is behind: more prompts now would only go stale
-        room = self.spec.in_flight_limit - (acc["in_flight"])
-        sent = 0
-        for seq in range(acc["dispatched"], acc["dispatched"] + max(room, 0)):
-            check_gen_budget(
-                acc["prompts_since_batch"] + sent,
-                self.spec.data.train_batch_size,
-                self.spec.algorithm.filter_groups.max_num_gen_batches,
-            )
+        seen = acc["trained"] + len(self._assembler.held) + self._filtered(acc)
+        kept = acc["trained"] + len(self._assembler.held)
+        room = useful_prompts(
+            published=self.published,
+            train_version=self.train_version(acc["batches"]),
+            max_staleness=self.spec.algorithm.max_staleness,
+            train_batch_size=self.spec.data.train_batch_size,
+            held=len(self._assembler.held),
+            in_flight=acc["in_flight"] - len(self._assembler.held),
+            keep_rate=kept / seen if seen else 1.0,
+            limit=self.spec.in_flight_limit,
+        )
+        for seq in range(acc["dispatched"], acc["dispatched"] + room):
             task = self._task(seq)
             self.rt.bus.commit(
                 stream="prompts",
                 msg=task,
                 dedupe_key=task.group_id,
-                counters={"dispatched": 1, "prompts_since_batch": 1},
+                counters={"dispatched": 1},
                 counter=ACCOUNT,
             )
-            sent += 1
-        self.metrics.dispatched.inc(sent)
-        return sent
+        self.metrics.dispatched.inc(room)
+        return room
+
+    @staticmethod
+    def _filtered(acc: dict[str, int]) -> int:
+        return acc["filtered_all_correct"] + acc["filtered_all_wrong"]
 
     def _task(self, seq: int) -> PromptTask:
         item = self.source.item(seq)
@@ -159,19 +174,32 @@ class Sampler:
                 top_k=ro.top_k,
                 max_new_tokens=self.spec.data.max_response_length,
             ),
-            dispatch_version=self.published[-1],
+            dispatch_version=self.published,
         )
 
     # -- scored groups -----------------------------------------------------------
-    def absorb(self, deliveries: list[Delivery[ScoredGroup]]) -> None:
+    def absorb(self, deliveries: list[Delivery[ScoredGroup]], train_version: int) -> None:
+        """Classify scored groups for the batch trained by ``train_version``. A kept group stays
+        unacknowledged until its batch is published (a restarted sampler gets it back); what
+        is not kept is acknowledged and counted at once, a filtered group also against the
+        dynamic-sampling budget (``scored_since_batch``; kept groups count there through
+        ``held``)."""
         for d in deliveries:
-            outcome = self._assembler.offer(d.message, d, self.published)
+            outcome = self._assembler.offer(d.message, d, train_version)
             self.metrics.groups.labels(outcome).inc()
-            self.metrics.version_lag.observe(self.published[-1] - d.message.policy_version)
+            self.metrics.version_lag.observe(max(train_version - d.message.policy_version, 0))
             self._stats[outcome] += 1
-            if outcome != "kept":
-                self.rt.bus.commit(ack=[d], counters={outcome: 1}, counter=ACCOUNT)
-        for _, d in self._assembler.expire_stale(self.published):
+            if outcome == "kept":
+                continue
+            counters = {outcome: 1}
+            if outcome != "dropped_stale":
+                counters["scored_since_batch"] = 1
+            self.rt.bus.commit(ack=[d], counters=counters, counter=ACCOUNT)
+        self.drop_stale(train_version)
+
+    def drop_stale(self, train_version: int) -> None:
+        """Held groups too old for the batch trained by ``train_version`` go, counted."""
+        for _, d in self._assembler.expire_stale(train_version):
             self._stats["dropped_stale"] += 1
             self.metrics.groups.labels("dropped_stale").inc()
             self.rt.bus.commit(ack=[d], counters={"dropped_stale": 1}, counter=ACCOUNT)
@@ -182,13 +210,16 @@ class Sampler:
             return False
         items = self._assembler.take()
         groups = [g for g, _ in items]
-        lag = float(np.mean([self.published[-1] - g.policy_version for g in groups]))
+        version = self.train_version(acc["batches"])
+        lag = float(np.mean([version - g.policy_version for g in groups]))
         batch = TrainingBatch(
             run_id=self.rt.run_id,
             batch_id=acc["batches"],
             groups=groups,
             stats=BatchStats(
-                gen_rounds=gen_rounds(acc["prompts_since_batch"], self.spec.data.train_batch_size),
+                gen_rounds=gen_rounds(
+                    acc["scored_since_batch"] + len(groups), self.spec.data.train_batch_size
+                ),
                 mean_version_lag=max(lag, 0.0),
                 **self._stats,
             ),
@@ -202,7 +233,7 @@ class Sampler:
             counters={
                 "trained": len(groups),
                 "batches": 1,
-                "prompts_since_batch": -acc["prompts_since_batch"],
+                "scored_since_batch": -acc["scored_since_batch"],
             },
         )
         self.metrics.batches.inc()
@@ -216,10 +247,20 @@ class Sampler:
         got = self.rt.bus.consume(
             "scored", "sampler", self.consumer, count=256, block_ms=200, reclaim=False
         )
-        self.absorb(got)
+        self.absorb(got, self.train_version(self.account()["batches"]))
         while self.maybe_publish_batch():
-            pass
+            self.drop_stale(self.train_version(self.account()["batches"]))
+        self._check_budget()
         self._observe()
+
+    def _check_budget(self) -> None:
+        acc = self.account()
+        if acc["batches"] < self.spec.trainer.total_training_steps:
+            check_gen_budget(
+                acc["scored_since_batch"] + len(self._assembler.held),
+                self.spec.data.train_batch_size,
+                self.spec.algorithm.filter_groups.max_num_gen_batches,
+            )
 
     def _observe(self) -> None:
         acc = self.account()

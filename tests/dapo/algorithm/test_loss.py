@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dapo.algorithm.loss import (
+    SHARE_METRICS,
     agg_loss,
     apply_overlong_filter,
     clipped_surrogate,
@@ -19,7 +20,6 @@ from dapo.algorithm.loss import (
     masked_mean,
     policy_loss,
     token_log_probs,
-    truncated_importance_weight,
 )
 from proto.runspec import ActorConfig
 from proto.vocab import LOSS_AGG_MODES
@@ -90,7 +90,7 @@ def test_policy_loss_token_mean_and_metrics_by_hand() -> None:
     want_kl = -sum(math.log(b[1]) for b in BRANCHES) / n
     assert m["ppo_kl"].item() == pytest.approx(want_kl)
     assert m["pg_loss"].item() == pytest.approx(loss.item())
-    assert "entropy" not in m and "kl_ref" not in m and "tis_weight_mean" not in m
+    assert "entropy" not in m and "kl_ref" not in m
 
 
 def test_advantage_per_sample_broadcasts() -> None:
@@ -123,7 +123,7 @@ AGG_BY_HAND = {
     "token-mean": (6.0, 21 / 6),  # 21 over 6 tokens
     "seq-mean-token-mean": (3.0, (2 + 4 + 5.5) / 3),  # empty row not counted
     "seq-mean-token-sum": (3.0, (6 + 4 + 11) / 3),
-    "seq-mean-token-sum-norm": (12.0, 21 / (3 * 4)),  # horizon 4
+    "seq-mean-token-sum-norm": (4.0, 21 / 4),  # verl: sum of the rows' token sums / horizon
 }
 
 
@@ -133,6 +133,23 @@ def test_agg_modes_by_hand(mode: str) -> None:
     norm = loss_normalizer(MASK, mode, horizon=4)
     assert norm == want_norm
     assert agg_loss(VALUES, MASK, mode, norm).item() == pytest.approx(want)
+
+
+def test_seq_mean_token_sum_norm_is_verls_agg_loss() -> None:
+    # verl's core_algos.agg_loss, "seq-mean-token-sum-norm" with loss_scale_factor H:
+    #   seq_losses = sum(loss_mat * loss_mask, -1); loss = sum(seq_losses) / H
+    # 4 samples, H = 5 (data.max_response_length); row 3 is empty (overlong-filtered).
+    #   row sums: 0.5 + 1.5 = 2.0;  -1.0 + 2.0 + 3.0 = 4.0;  4.0;  0  ->  10.0 / 5 = 2.0
+    # (a mean over the 3 non-empty rows would give 2 / 3, over all 4 rows 1 / 2)
+    values = _t([[0.5, 1.5, 7.0], [-1.0, 2.0, 3.0], [4.0, 9.0, 9.0], [8.0, 8.0, 8.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    norm = loss_normalizer(mask, "seq-mean-token-sum-norm", horizon=5)
+    assert norm == 5.0
+    assert agg_loss(values, mask, "seq-mean-token-sum-norm", norm).item() == pytest.approx(2.0)
+    # exact accumulation: micro-batches of 1 and 3 rows with the mini-batch normalizer
+    parts = [agg_loss(values[s], mask[s], "seq-mean-token-sum-norm", norm) for s in
+             (slice(0, 1), slice(1, 4))]  # fmt: skip
+    assert sum(p.item() for p in parts) == pytest.approx(2.0)
 
 
 def test_norm_mode_needs_horizon_and_bad_mode_is_named() -> None:
@@ -158,13 +175,7 @@ def test_garbage_in_masked_positions_never_leaks(mode: str) -> None:
     logp_new.requires_grad_()
     logp_old = _t([[-0.4, float("-inf"), float("nan")], [0.0, 1.0, float("nan")]])
     mask = torch.tensor([[1, 0, 0], [0, 0, 0]])  # second row fully masked
-    cfg = ActorConfig(
-        loss_agg_mode=mode,
-        use_kl_loss=True,
-        kl_loss_coef=0.1,
-        tis_imp_ratio_cap=2.0,
-        entropy_coeff=0.01,
-    )
+    cfg = ActorConfig(loss_agg_mode=mode, use_kl_loss=True, kl_loss_coef=0.1, entropy_coeff=0.01)
     ent = _t([[1.0, float("nan"), 2.0], [float("inf"), 0.0, 0.0]])
     loss, metrics = policy_loss(
         logp_new,
@@ -173,7 +184,7 @@ def test_garbage_in_masked_positions_never_leaks(mode: str) -> None:
         mask,
         cfg,
         normalizer=loss_normalizer(mask, mode, horizon=3),
-        logp_behavior=logp_old,
+        is_weights=_t([[0.5, float("nan"), float("inf")], [float("nan"), 1.0, 1.0]]),
         logp_ref=logp_old,
         entropy=ent,
     )
@@ -194,7 +205,7 @@ def _random_batch(seed: int, b: int, t: int, empty_rows: list[bool]) -> dict[str
     return {
         "logp_new": logp_old + torch.randn(b, t, generator=g, dtype=F64) * 0.5,
         "logp_old": logp_old,
-        "logp_behavior": logp_old + torch.randn(b, t, generator=g, dtype=F64) * 0.3,
+        "is_weights": torch.rand(b, t, generator=g, dtype=F64) * 2,
         "logp_ref": logp_old + torch.randn(b, t, generator=g, dtype=F64) * 0.3,
         "entropy": torch.rand(b, t, generator=g, dtype=F64) * 2,
         "adv": torch.randn(b, generator=g, dtype=F64) * 2,
@@ -202,24 +213,24 @@ def _random_batch(seed: int, b: int, t: int, empty_rows: list[bool]) -> dict[str
     }
 
 
-def _loss_and_grads(batch: dict, rows: slice, cfg: ActorConfig, norm: float):
+def _loss_and_grads(batch: dict, rows: slice, cfg: ActorConfig, norm: float, weights: bool):
     new = batch["logp_new"][rows].clone().requires_grad_()
     ent = batch["entropy"][rows].clone().requires_grad_()
-    loss, _ = policy_loss(
+    loss, m = policy_loss(
         new,
         batch["logp_old"][rows],
         batch["adv"][rows],
         batch["mask"][rows],
         cfg,
         normalizer=norm,
-        logp_behavior=batch["logp_behavior"][rows],
+        is_weights=batch["is_weights"][rows] if weights else None,
         logp_ref=batch["logp_ref"][rows],
         entropy=ent,
     )
     loss.backward()
     # no entropy bonus: the entropy gets no gradient at all
     ent_grad = torch.zeros_like(ent) if ent.grad is None else ent.grad
-    return loss.detach(), new.grad, ent_grad
+    return loss.detach(), new.grad, ent_grad, {k: m[k] for k in SHARE_METRICS}
 
 
 @settings(max_examples=60, deadline=None)
@@ -238,20 +249,22 @@ def test_micro_batches_sum_to_full_batch(data, b, t, seed, mode, extras) -> None
     cfg = ActorConfig(
         loss_agg_mode=mode,
         clip_ratio_c=3.0 if extras else None,
-        tis_imp_ratio_cap=1.5 if extras else None,
         use_kl_loss=extras,
         kl_loss_coef=0.05,
         entropy_coeff=0.01 if extras else 0.0,
     )
     norm = loss_normalizer(batch["mask"], mode, horizon=t)
-    full_loss, full_g, full_ge = _loss_and_grads(batch, slice(0, b), cfg, norm)
+    full_loss, full_g, full_ge, full_share = _loss_and_grads(batch, slice(0, b), cfg, norm, extras)
     bounds = [0, *cuts, b]
     spans = zip(bounds[:-1], bounds[1:], strict=True)
-    parts = [_loss_and_grads(batch, slice(lo, hi), cfg, norm) for lo, hi in spans]
+    parts = [_loss_and_grads(batch, slice(lo, hi), cfg, norm, extras) for lo, hi in spans]
     summed = sum(p[0] for p in parts)
     assert torch.allclose(summed, full_loss, rtol=1e-12, atol=1e-14)
     assert torch.allclose(torch.cat([p[1] for p in parts]), full_g, rtol=1e-12, atol=1e-14)
     assert torch.allclose(torch.cat([p[2] for p in parts]), full_ge, rtol=1e-12, atol=1e-14)
+    for k in SHARE_METRICS:  # a share metric sums over micro-batches to the mini-batch value
+        share = sum(p[3][k] for p in parts)
+        assert torch.allclose(share, full_share[k], rtol=1e-12, atol=1e-14), k
 
 
 def test_token_mean_weights_tokens_not_samples() -> None:
@@ -273,7 +286,7 @@ def test_token_mean_weights_tokens_not_samples() -> None:
     assert grads["seq-mean-token-mean"][1, 0].item() == pytest.approx(-1 / 2)
 
 
-# ---- entropy, KL, TIS, overlong filter ----------------------------------------------------
+# ---- entropy, KL, importance weights, overlong filter ----------------------------------------------------
 def test_entropy_from_logits_matches_direct_computation() -> None:
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 5, 7, generator=g, dtype=F64) * 4
@@ -329,20 +342,23 @@ def test_kl_loss_added_with_coefficient() -> None:
         policy_loss(new, new, torch.zeros(1, dtype=F64), mask, cfg, normalizer=1.0)
 
 
-def test_truncated_importance_weight() -> None:
-    old = _t([[math.log(0.3), math.log(0.9), math.log(0.2)]])
-    beh = _t([[math.log(0.6), math.log(0.3), math.log(0.2)]])
-    w = truncated_importance_weight(old, beh, cap=2.0)
-    assert w.tolist()[0] == pytest.approx([0.5, 2.0, 1.0])  # 0.5, min(3, 2), 1
-    # in the loss: A = 1, r = 1 everywhere -> per-token -w, token-mean over 3
-    cfg = ActorConfig(tis_imp_ratio_cap=2.0)
+def test_importance_weights_multiply_each_tokens_surrogate() -> None:
+    # decoupled PPO: l_t = w_t * max(-A r_t, -A clip(r_t)), w detached
+    new = _t([[math.log(1.1), math.log(1.5), 0.0]]).requires_grad_()
+    old = torch.zeros(1, 3, dtype=F64)
+    w = _t([[0.5, 2.0, 1.0]])
     loss, m = policy_loss(
-        old, old, torch.ones(1, dtype=F64), torch.ones(1, 3), cfg, normalizer=3.0, logp_behavior=beh
-    )
-    assert loss.item() == pytest.approx(-3.5 / 3)
-    assert m["tis_weight_mean"].item() == pytest.approx(3.5 / 3)
-    with pytest.raises(ValueError, match="tis_imp_ratio_cap"):
-        policy_loss(old, old, torch.ones(1, dtype=F64), torch.ones(1, 3), cfg, normalizer=3.0)
+        new, old, torch.ones(1, dtype=F64), torch.ones(1, 3), ActorConfig(), normalizer=3.0,
+        is_weights=w,
+    )  # fmt: skip
+    # per token: -1.1 * 0.5, -1.28 (clipped) * 2, -1 * 1
+    assert loss.item() == pytest.approx((-0.55 - 2.56 - 1.0) / 3)
+    assert m["pg_loss"].item() == pytest.approx(loss.item())
+    loss.backward()
+    assert new.grad.tolist()[0] == pytest.approx([-1.1 * 0.5 / 3, 0.0, -1.0 / 3])
+    with pytest.raises(ValueError, match="is_weights"):
+        policy_loss(new, old, torch.ones(1), torch.ones(1, 3), ActorConfig(), normalizer=3.0,
+                    is_weights=torch.ones(1, 2))  # fmt: skip
 
 
 def test_apply_overlong_filter() -> None:

@@ -36,6 +36,123 @@ def test_paper_recipe_values():
     assert spec.reward.overlong_buffer.len == 4096 and spec.data.max_response_length == 20480
     assert spec.algorithm.filter_groups.enable and spec.algorithm.filter_groups.metric == "acc"
     assert spec.rollout.val_kwargs.top_p == 0.7 and spec.rollout.val_kwargs.n == 32
+    # the paper's synchronous on-policy schedule: no stale sample, no correction
+    assert spec.algorithm.max_staleness == 0
+    corr = spec.algorithm.rollout_correction
+    assert not corr.bypass_mode and corr.rollout_is is None and corr.rollout_rs is None
+    assert spec.actor.optim.lr_warmup_steps == 20  # training steps
+    assert spec.rollout.dtype == "bfloat16" and spec.rollout.engine == "vllm"
+
+
+def test_async_recipe_is_the_paper_recipe_with_a_correction():
+    base = load_run_spec("dapo-qwen2.5-32b", environ={}).model_dump()
+    spec = load_run_spec("dapo-qwen2.5-32b-async", environ={})
+    assert spec.algorithm.max_staleness == 2
+    corr = spec.algorithm.rollout_correction
+    assert not corr.bypass_mode and corr.rollout_is == "token"
+    assert corr.rollout_is_threshold == 2.0 and corr.rollout_rs is None
+    dumped = spec.model_dump()
+    for section, key in (("algorithm", "max_staleness"), ("algorithm", "rollout_correction")):
+        dumped[section].pop(key), base[section].pop(key)
+    assert dumped.pop("name") == "dapo-qwen2.5-32b-async" and base.pop("name")
+    assert dumped == base
+    header = (CONFIGS / "dapo-qwen2.5-32b-async.yaml").read_text().split("\n", 1)[0]
+    assert header.startswith("#")
+
+
+def test_cpu_small_corrects_its_stale_samples():
+    spec = load_run_spec("cpu-small", environ={})
+    assert spec.algorithm.max_staleness == 1
+    corr = spec.algorithm.rollout_correction
+    assert (corr.bypass_mode, corr.rollout_is, corr.rollout_is_threshold) == (False, "token", 2.0)
+    assert spec.rollout.dtype == "float32"
+
+
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ("actor.recompute_old_log_prob=false", ["algorithm.rollout_correction.bypass_mode: true"]),
+        (
+            "actor.tis_imp_ratio_cap=2.0",
+            ["algorithm.rollout_correction.rollout_is: token", "rollout_is_threshold: c"],
+        ),
+    ],
+)
+def test_removed_actor_fields_name_their_replacement(override, names):
+    with pytest.raises(ConfigError) as err:
+        load_run_spec("cpu-small", [override], environ={})
+    assert "was removed" in str(err.value)
+    for name in names:
+        assert name in str(err.value)
+
+
+def test_stale_samples_need_an_objective_that_uses_the_behaviour_policy():
+    ignore = "algorithm.rollout_correction.rollout_is=null"
+    with pytest.raises(ConfigError) as err:
+        load_run_spec("cpu-small", [ignore], environ={})
+    msg = str(err.value)
+    for part in (
+        "algorithm.max_staleness is 1",
+        "algorithm.rollout_correction.rollout_is: token",
+        "bypass_mode: true",
+        "max_staleness: 0",
+    ):
+        assert part in msg, part
+    # each way out validates
+    load_run_spec("cpu-small", [ignore, "algorithm.max_staleness=0"], environ={})
+    load_run_spec(
+        "cpu-small", [ignore, "algorithm.rollout_correction.bypass_mode=true"], environ={}
+    )
+    load_run_spec("cpu-small", [ignore, "algorithm.rollout_correction.rollout_rs=geometric"],
+                  environ={})  # fmt: skip
+
+
+def test_bypass_mode_refuses_weights_and_rejection():
+    for extra in ("rollout_is=token", "rollout_rs=token", "rollout_token_veto_threshold=1e-4"):
+        with pytest.raises(ConfigError, match="bypass_mode: true with") as err:
+            load_run_spec(
+                None,
+                ["algorithm.rollout_correction.bypass_mode=true",
+                 f"algorithm.rollout_correction.{extra}"],
+                environ={},
+            )  # fmt: skip
+        assert "PPO anchor" in str(err.value)
+    # in bypass mode rollout_is defaults to null
+    spec = load_run_spec(None, ["algorithm.rollout_correction.bypass_mode=true"], environ={})
+    assert spec.algorithm.rollout_correction.rollout_is is None
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "rollout_is_threshold=.inf",
+        "rollout_is_threshold=.nan",
+        "rollout_is_threshold=0",
+        "rollout_is_threshold=1e7",
+        "rollout_rs_threshold=-1",
+        "rollout_rs_threshold_lower=.inf",
+        "rollout_token_veto_threshold=2",
+        "rollout_is=tokens",
+        "rollout_rs=seq",
+    ],
+)
+def test_correction_values_are_finite_bounded_and_named(override):
+    field = override.split("=")[0]
+    with pytest.raises(ConfigError) as err:
+        load_run_spec("cpu-small", [f"algorithm.rollout_correction.{override}"], environ={})
+    assert f"algorithm.rollout_correction.{field}" in str(err.value)
+
+
+def test_rejection_band_must_not_be_empty():
+    band = ["algorithm.rollout_correction.rollout_rs_threshold=1.5",
+            "algorithm.rollout_correction.rollout_rs_threshold_lower=1.6"]  # fmt: skip
+    with pytest.raises(ConfigError, match="rollout_rs_threshold_lower"):
+        load_run_spec("cpu-small", [*band, "algorithm.rollout_correction.rollout_rs=token"],
+                      environ={})  # fmt: skip
+    load_run_spec("cpu-small", band, environ={})  # no rejection: the band is not used
+    # a truncation below 1 is allowed; with rejection off its reciprocal band is not checked
+    load_run_spec("cpu-small", ["algorithm.rollout_correction.rollout_is_threshold=0.5"],
+                  environ={})  # fmt: skip
 
 
 def test_overrides_env_then_cli(tmp_path):

@@ -233,7 +233,7 @@ def _worker(out: Path) -> None:
                     "moved": _max_diff(full, start),
                     "version": trainer.version,
                     "single_version": st.version,
-                    "expected_version": 4 // cfg["ppo_mini_batch_size"],
+                    "expected_version": 1,  # one training step, however many mini-batches
                     "figures": figures,
                     "single_figures": single_figures,
                 }

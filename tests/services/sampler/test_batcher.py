@@ -10,7 +10,8 @@ from services.sampler.batcher import (
     BatchAssembler,
     check_gen_budget,
     classify,
-    versions_newer_than,
+    training_version,
+    useful_prompts,
 )
 from tests.factories import scored_group
 
@@ -19,10 +20,12 @@ def group(accs: list[bool], version: int = 0, gid: str = "g") -> ScoredGroup:
     return scored_group("r", gid, accs, version)
 
 
-def test_versions_newer_than():
-    assert versions_newer_than([0, 1, 2, 5], 1) == 2
-    assert versions_newer_than([0], 0) == 0
-    assert versions_newer_than([0, 3], 7) == 0  # a newer-than-known version is not stale
+def test_training_version_counts_the_batches_ahead_of_the_learner():
+    assert training_version(5, learner_step=5, learner_version=5) == 5  # next to train
+    assert training_version(6, learner_step=5, learner_version=5) == 6
+    # a skipped step left the version behind the step count: later batches follow suit
+    assert training_version(6, learner_step=5, learner_version=4) == 5
+    assert training_version(3, learner_step=5, learner_version=5) == 5  # already trained
 
 
 def test_classify_outcomes():
@@ -38,33 +41,50 @@ def test_classify_outcomes():
 def test_exact_quota_and_surplus_is_carried():
     asm = BatchAssembler(3, AlgorithmConfig())
     for i in range(5):
-        asm.offer(group([True, False], gid=f"g{i}"), i, [0])
+        asm.offer(group([True, False], gid=f"g{i}"), i, 0)
     assert asm.ready()
     first = asm.take()
     assert [h for _, h in first] == [0, 1, 2]
     assert not asm.ready() and [h for _, h in asm.held] == [3, 4]
-    asm.offer(group([False, True], gid="g5"), 5, [0])
+    asm.offer(group([False, True], gid="g5"), 5, 0)
     assert [h for _, h in asm.take()] == [3, 4, 5]
     with pytest.raises(RuntimeError, match="only 0 of 3"):
         asm.take()
 
 
-def test_held_groups_expire_when_they_go_stale():
+def test_held_groups_expire_for_a_later_batch():
     asm = BatchAssembler(4, AlgorithmConfig(max_staleness=1))
-    asm.offer(group([True, False], version=0), "old", [0])
-    asm.offer(group([True, False], version=1), "new", [0, 1])
-    stale = asm.expire_stale([0, 1, 2])
+    asm.offer(group([True, False], version=0), "old", 1)
+    asm.offer(group([True, False], version=1), "new", 1)
+    stale = asm.expire_stale(2)  # the next batch trains at version 2
     assert [h for _, h in stale] == ["old"] and [h for _, h in asm.held] == ["new"]
 
 
-def test_on_policy_drops_anything_behind():
+def test_on_policy_keeps_only_the_training_version():
     asm = BatchAssembler(1, AlgorithmConfig(max_staleness=0))
-    assert asm.offer(group([True, False], version=0), 0, [0, 1]) == "dropped_stale"
-    assert asm.offer(group([True, False], version=1), 1, [0, 1]) == "kept"
+    assert asm.offer(group([True, False], version=0), 0, 1) == "dropped_stale"
+    assert asm.offer(group([True, False], version=1), 1, 1) == "kept"
 
 
-def test_generation_budget_error_is_clear():
-    check_gen_budget(30, 10, 3)  # 3 rounds: allowed
+def room(**kw):
+    base = dict(published=3, train_version=3, max_staleness=0, train_batch_size=8, held=0,
+                in_flight=0, keep_rate=1.0, limit=64)  # fmt: skip
+    return useful_prompts(**{**base, **kw})
+
+
+def test_dispatch_waits_for_weights_fresh_enough_for_the_next_batch():
+    assert room() == 8  # on-policy, the learner published the version of the next batch
+    assert room(train_version=4) == 0  # it is training batch 3: nothing dispatched now fits
+    assert room(train_version=4, max_staleness=1) == 8  # one version behind is allowed
+    assert room(max_staleness=1) == 16  # this batch and the next can use them
+    assert room(held=3, in_flight=2) == 3
+    assert room(keep_rate=0.5) == 16  # dynamic sampling keeps half
+    assert room(keep_rate=0.5, limit=10, in_flight=4) == 6
+
+
+def test_generation_budget_counts_scored_rounds():
+    check_gen_budget(29, 10, 3)  # 2 whole rounds scored
     with pytest.raises(RuntimeError, match="after 3 generation rounds"):
-        check_gen_budget(31, 10, 3)
+        check_gen_budget(30, 10, 3)
+    check_gen_budget(9, 10, 1)  # prompts in flight are not a spent round
     check_gen_budget(10_000, 10, 0)  # 0 = unlimited
