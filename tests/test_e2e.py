@@ -151,6 +151,38 @@ def test_a_killed_service_is_restarted_and_the_run_completes(model_dir, tmp_path
     assert_account_adds_up(store, run_id)
 
 
+@pytest.mark.parametrize("staleness", [0, 1, 2])
+def test_every_trained_token_respects_the_staleness_bound(
+    model_dir, tmp_path, redis_url, staleness
+):
+    """The bound holds at training time, on the real pipeline: for every trained token,
+    (learner version at the step) - (version that generated it) <= max_staleness, and the
+    sampler's dispatch keeps violators from ever reaching the learner."""
+    runs = tmp_path / "runs"
+    spec = small_spec(
+        model_dir,
+        make_dataset(tmp_path / "train.jsonl"),
+        runs,
+        algorithm={"max_staleness": staleness},
+        trainer={"total_training_steps": 6, "save_freq": 0, "runs_dir": str(runs)},
+    )
+    store, stack = start_run(redis_url, spec, rollout_workers=2)
+    try:
+        assert wait_status(store, stack, stack.run_id, {"completed", "failed"}) == "completed"
+    finally:
+        stack.stop()
+    rows = metrics_lines(stack.run_dir)
+    assert [r["batch_id"] for r in rows] == list(range(6))
+    lags = ("0", "1", "2", "3plus")
+    for r in rows:
+        assert r["staleness/lag_max"] <= staleness and r["staleness/dropped_samples"] == 0, r
+        counts = [r[f"staleness/tokens_lag_{k}"] for k in lags]
+        assert sum(counts) > 0 and sum(counts[staleness + 1 :]) == 0
+    if staleness:  # and the bound is used: generation overlaps training
+        assert max(r["staleness/lag_max"] for r in rows) >= 1
+    assert_account_adds_up(store, stack.run_id)
+
+
 def test_dataset_row_without_answer_is_reported_before_anything_starts(model_dir, tmp_path):
     data = make_dataset(tmp_path / "bad.jsonl", bad_row=4)
     proc = subprocess.run(

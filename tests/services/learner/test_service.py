@@ -16,6 +16,7 @@ from dapo.data.models import load_tokenizer
 from dapo.runtime.runs import MemoryRunStore
 from dapo.runtime.service import ServiceContext
 from dapo.transport.memory_bus import MemoryBus
+from dapo.weights.registry import WeightSyncError
 from dapo.weights.sender import SyncStats
 from proto.messages import ScoredGroup, ScoredSample, TrainingBatch
 from proto.runspec import RunSpec
@@ -185,3 +186,45 @@ def test_learner_loop_trains_checkpoints_acks_and_resumes(model_dir, tmp_path):
     assert (state.step, state.policy_version) == (4, 4)
     assert (store.reports[run_id].step, store.reports[run_id].batch_id) == (4, 3)
     assert bus.dead_count() == 0
+
+
+class FailingOnceSender(MemorySender):
+    """A worker dies in the middle of version ``fail``'s first broadcast."""
+
+    def __init__(self, fail: int) -> None:
+        super().__init__()
+        self.fail, self.failed = fail, False
+
+    def broadcast(self, version, named_params=None):
+        if version == self.fail and not self.failed:
+            self.failed = True
+            raise WeightSyncError(f"worker died while receiving version {version}")
+        if self.versions and version == self.versions[-1]:
+            self.versions.pop()  # a resend of the same version is allowed
+        return super().broadcast(version, named_params)
+
+    def disagreeing_workers(self, version: int) -> dict[str, str]:
+        held = self.versions[-1] if self.versions else -1
+        return {} if held >= version else {"rollout-0": f"stale: holds version {held}"}
+
+
+def test_a_failed_broadcast_is_not_announced_and_is_sent_again(model_dir, tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    trainer = {"total_training_steps": 2, "save_freq": 0, "runs_dir": str(runs)}
+    spec = small_spec(model_dir, make_dataset(tmp_path / "d.jsonl"), runs, trainer=trainer)
+    store = MemoryRunStore()
+    run_id = store.create(spec).run_id
+    store.set_status(run_id, "running")
+    bus = MemoryBus(run_id)
+    bus.publish("batches", batch(run_id, 0))
+    loop = start_learner(spec, store, bus)
+    loop.sender = FailingOnceSender(fail=1)
+    loop.broadcast()
+    train_next(loop)  # trains batch 0 -> version 1, whose broadcast fails
+    assert store.state(run_id).policy_version == 1  # the learner moved on ...
+    assert announced(bus) == [0]  # ... but no worker holds version 1: the sampler must wait
+    monkeypatch.setattr("services.learner.service.RESEND_INTERVAL_S", 0.0)
+    loop.maybe_resend()  # idle: the worker behind gets version 1 again
+    assert announced(bus) == [0, 1] and loop.sender.versions == [0, 1]
+    loop.maybe_resend()  # everyone holds it now: nothing more is sent
+    assert loop.sender.versions == [0, 1] and announced(bus) == [0, 1]
