@@ -253,6 +253,9 @@ class RolloutCorrectionConfig(_Strict):
     rollout_token_veto_threshold: float | None = Field(None, gt=0.0, le=1.0)
     """A sequence with any token whose ratio proximal / behaviour is below this is masked
     entirely (e.g. 1e-4); None disables the veto."""
+    allow_uncorrected_staleness: bool = False
+    """Accept algorithm.max_staleness > 0 with an objective that ignores the behaviour policy
+    (its gradient is then biased). For ablations that measure what the correction buys."""
 
     @model_validator(mode="before")
     @classmethod
@@ -389,7 +392,12 @@ class RunSpec(_Strict):
                 f"({self.actor.ppo_mini_batch_size} does not divide {self.data.train_batch_size})"
             )
         alg = self.algorithm
-        if alg.max_staleness > 0 and alg.rollout_correction.ignores_behavior_policy:
+        rc = alg.rollout_correction
+        if (
+            alg.max_staleness > 0
+            and rc.ignores_behavior_policy
+            and not (rc.allow_uncorrected_staleness)
+        ):
             raise ValueError(
                 f"algorithm.max_staleness is {alg.max_staleness}: samples may come from an "
                 "older policy, but algorithm.rollout_correction ignores the policy that "

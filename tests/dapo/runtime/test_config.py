@@ -293,3 +293,15 @@ def test_cli_help_is_fast_and_lists_commands():
         assert cmd in proc.stdout
     heavy = [m for m in ("torch", "transformers", "redis", "pydantic") if f" {m}\n" in proc.stderr]
     assert heavy == [], f"--help imported heavy modules: {heavy}"
+
+
+def test_uncorrected_staleness_needs_saying_so():
+    uncorrected = ["algorithm.rollout_correction.rollout_is=null"]
+    with pytest.raises(ConfigError, match="ignores the policy that generated them"):
+        load_run_spec("cpu-small", uncorrected, environ={})
+    spec = load_run_spec(
+        "cpu-small",
+        [*uncorrected, "algorithm.rollout_correction.allow_uncorrected_staleness=true"],
+        environ={},
+    )
+    assert spec.algorithm.max_staleness == 1 and spec.algorithm.rollout_correction.rollout_is is None
