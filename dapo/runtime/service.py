@@ -43,12 +43,32 @@ def setup_logging(kind: str, level: str) -> None:
     )
 
 
+PROGRESS_METRIC = "dapo_last_progress_timestamp_seconds"
+"""Gauge every service sets when it gets work done (``ServiceContext.progress``): the
+watchdog alerts and the dashboard read how long ago that was."""
+
+
+def redis_client(settings: ServiceSettings) -> redis.Redis:
+    """The client a service talks to its run with: URL, login (from the Secret-fed settings,
+    never from the URL) and TLS verification, the same for every service."""
+    password = settings.redis_password
+    return connect(
+        settings.redis_url,
+        password=None if password is None else password.get_secret_value(),
+        username=settings.redis_username or None,
+        tls_ca=settings.redis_tls_ca,
+    )
+
+
 def wait_for_redis(client: redis.Redis, timeout_s: float = 60.0) -> None:
+    """Waits for Redis to come up; a refused login fails at once, since waiting cannot fix it."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             client.ping()
             return
+        except redis.AuthenticationError as exc:
+            raise RuntimeError(f"Redis refused the login (DAPO_REDIS_PASSWORD?): {exc}") from None
         except redis.ConnectionError as exc:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"Redis not reachable after {timeout_s:.0f}s: {exc}") from None
@@ -69,6 +89,18 @@ class ServiceContext:
     stop_event: threading.Event = field(default_factory=threading.Event)
     _state: RunState | None = field(init=False, default=None)
     _state_at: float = field(init=False, default=0.0)
+    _progress: Gauge = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # On the context's registry, so loops built over a bare context (tests) have it too;
+        # set at start, so a service that never gets anything done still shows its age.
+        self._progress = Gauge(
+            PROGRESS_METRIC,
+            "Unix time of the service's last progress (work published or trained)",
+            ["component"],
+            registry=self.registry,
+        ).labels(self.kind)
+        self._progress.set_to_current_time()
 
     def state(self, max_age_s: float = 0.5) -> RunState:
         """The run's lifecycle record, re-read at most every ``max_age_s`` seconds."""
@@ -92,6 +124,11 @@ class ServiceContext:
     def paused(self) -> bool:
         """Paused by the user, or created but not yet started."""
         return self.state().status in ("paused", "pending")
+
+    def progress(self) -> None:
+        """Marks work done (a group published or scored, a batch out, a step trained): a
+        run whose services stop calling this is hung, whatever their health checks say."""
+        self._progress.set_to_current_time()
 
     def idle(self, seconds: float) -> None:
         self.stop_event.wait(seconds)
@@ -118,7 +155,7 @@ class ServiceRuntime:
     def __enter__(self) -> ServiceRuntime:
         setup_logging(self.kind, self.settings.log_level)
         worker_id = self.settings.worker_id or default_worker_id(self.kind)
-        self.client = connect(self.settings.redis_url)
+        self.client = redis_client(self.settings)
         registry = CollectorRegistry()
         self.health = HealthServer(
             registry, self._ready, self.settings.health_host, self.settings.health_port

@@ -8,6 +8,7 @@ MINID below the oldest entry some group still needs.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -368,12 +369,36 @@ BLPOP) blocks for at most a few seconds, so a reply later than this means Redis 
 not busy. (redis-py's own default is 5 s, which a loaded host can exceed.)"""
 
 
-def connect(url: str) -> redis.Redis:
-    """A client for ``url`` with health checks; bytes in, bytes out."""
+def connect(
+    url: str,
+    password: str | None = None,
+    username: str | None = None,
+    tls_ca: str | os.PathLike | None = None,
+) -> redis.Redis:
+    """A client for ``url`` with health checks; bytes in, bytes out.
+
+    ``password`` (with ``username``, an ACL user) logs in without the secret being part of
+    the URL, which ends up in process listings and pod specs. A ``rediss://`` URL speaks TLS
+    and always verifies the server's certificate and name, against ``tls_ca`` when given
+    (else the system's CAs): Redis holds the addresses workers connect to, so a server
+    that cannot prove who it is must not be trusted.
+    """
+    options: dict = {}
+    if password is not None:
+        options["password"] = password
+        if username:
+            options["username"] = username
+    if url.startswith("rediss://"):
+        options.update(ssl_cert_reqs="required", ssl_check_hostname=True)
+        if tls_ca is not None:
+            options["ssl_ca_certs"] = os.fspath(tls_ca)
+    elif tls_ca is not None:
+        raise ValueError(f"a TLS CA is given but {url.split(':', 1)[0]}:// is not rediss://")
     return redis.Redis.from_url(
         url,
         health_check_interval=30,
         socket_keepalive=True,
         socket_timeout=SOCKET_TIMEOUT_S,
         socket_connect_timeout=10.0,
+        **options,
     )

@@ -40,6 +40,8 @@ class EmbeddedRedis:
 
     port: int = 0
     host: str = "127.0.0.1"
+    password: str | None = None
+    """Clients must AUTH with it (``--requirepass``); it never appears in ``url``."""
     proc: subprocess.Popen | None = field(default=None, init=False)
     workdir: Path | None = field(default=None, init=False)
 
@@ -65,12 +67,13 @@ class EmbeddedRedis:
                 str(self.workdir),
                 "--logfile",
                 str(self.workdir / "redis.log"),
+                *(["--requirepass", self.password] if self.password is not None else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        client = redis.Redis.from_url(self.url)
+        client = redis.Redis.from_url(self.url, password=self.password)
         deadline = time.monotonic() + timeout_s
         while True:
             try:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 import torch
@@ -27,6 +28,7 @@ from dapo.weights.registry import (
     WeightKeys,
     WeightSyncError,
     _text,
+    check_sync_address,
     needs_checkpoint,
 )
 
@@ -41,7 +43,10 @@ class WeightReceiver:
     engine's current (name, tensor) list; the reported checksum is then taken
     over those tensors (cast to the learner's dtypes) instead of the received
     buffers, so it proves what the engine actually holds. `version` is the
-    version of the weights the engine starts with (-1: unknown).
+    version of the weights the engine starts with (-1: unknown). The learner's store
+    address read from Redis must be one of `allowed_hosts` (`check_sync_address`; empty =
+    loopback only) and a checkpoint announced there must lie under `checkpoint_root`
+    (`check_checkpoint_dir`), else `AddressRefused`: Redis is not trusted to steer workers.
     """
 
     def __init__(
@@ -56,11 +61,14 @@ class WeightReceiver:
         state_fn: Callable[[], NamedTensors] | None = None,
         liveness_s: float = 15.0,
         version: int = -1,
+        allowed_hosts: Sequence[str] = (),
+        checkpoint_root: str | os.PathLike | None = None,
     ) -> None:
         self.redis, self.keys, self.run_id = redis_client, WeightKeys(run_id), run_id
         self.worker_id, self.device, self.host = worker_id, torch.device(device), host
         self._params, self.load_fn, self.state_fn = params, load_fn, state_fn
         self.liveness_s, self.version = liveness_s, version
+        self.allowed_hosts, self.checkpoint_root = tuple(allowed_hosts), checkpoint_root
         self.layout: BucketLayout | None = params if isinstance(params, BucketLayout) else None
         self.buffers: FlatBuffers | None = None
         self._rendezvous: dict[str, str] = {}
@@ -77,6 +85,7 @@ class WeightReceiver:
                 raise TimeoutError(f"no weight-sync rendezvous at {self.keys.rendezvous}")
             time.sleep(0.1)
         self._adopt_layout(fields)
+        check_sync_address(fields["host"], fields["port"], self.allowed_hosts)  # fail early
         # an update in progress is NOT marked seen: the learner counts a live worker (also
         # one restarted under the same id) as a member-to-be and waits for its ack
         self._seen = None
@@ -211,8 +220,9 @@ class WeightReceiver:
             )
         rv = self._rendezvous
         if self._store_id != rv["incarnation"]:
+            store_host, store_port = check_sync_address(rv["host"], rv["port"], self.allowed_hosts)
             self._store = dist.TCPStore(
-                rv["host"], int(rv["port"]), is_master=False, wait_for_workers=False,
+                store_host, store_port, is_master=False, wait_for_workers=False,
                 timeout=self._timeout(),
             )  # fmt: skip
             self._store_id = rv["incarnation"]
@@ -245,7 +255,7 @@ class WeightReceiver:
 
     def needs_checkpoint(self) -> CheckpointRef | None:
         """The newest checkpoint if it is newer than the weights held (see `set_version`)."""
-        return needs_checkpoint(self.redis, self.run_id, self.version)
+        return needs_checkpoint(self.redis, self.run_id, self.version, self.checkpoint_root)
 
     def set_version(self, version: int) -> None:
         """Records that the engine now holds `version` (e.g. loaded from a checkpoint).

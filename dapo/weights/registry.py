@@ -1,12 +1,21 @@
 """Redis bookkeeping of the weight sync, shared by sender and receivers: key names, the
 live-worker registry, the newest checkpoint for late joiners, and who holds which version.
-The protocol itself is described in ``dapo.weights``."""
+The protocol itself is described in ``dapo.weights``.
+
+What a worker reads here tells it where to connect and what to load, so whoever can write
+Redis could steer it; ``check_sync_address`` and ``check_checkpoint_dir`` hold those reads
+to what the worker was configured to accept."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import NamedTuple
 
+from dapo.weights.buckets import is_loopback
 from proto.keys import check_run_id, run_key
 
 KEY_TTL_S = 600
@@ -18,6 +27,11 @@ class WeightSyncError(RuntimeError):
 
 class LayoutMismatchError(ValueError):
     """The learner's and the worker's bucket layouts differ."""
+
+
+class AddressRefused(ValueError):
+    """A weight-sync address or checkpoint directory read from Redis lies outside what this
+    worker accepts: it is not used, and the message says which setting would allow it."""
 
 
 class CheckpointRef(NamedTuple):
@@ -74,18 +88,78 @@ def publish_checkpoint(redis_client, run_id: str, version: int, checkpoint_dir: 
     )
 
 
-def latest_checkpoint(redis_client, run_id: str) -> CheckpointRef | None:
+def latest_checkpoint(
+    redis_client, run_id: str, root: str | os.PathLike | None = None
+) -> CheckpointRef | None:
+    """The newest checkpoint the learner announced; with ``root``, its directory must lie
+    inside it (``check_checkpoint_dir``) or ``AddressRefused`` is raised."""
     raw = redis_client.hgetall(WeightKeys(run_id).latest)
     if not raw:
         return None
     fields = {_text(k): _text(v) for k, v in raw.items()}
-    return CheckpointRef(int(fields["version"]), fields["checkpoint_dir"])
+    ref = CheckpointRef(int(fields["version"]), fields["checkpoint_dir"])
+    if root is not None:
+        check_checkpoint_dir(ref.checkpoint_dir, root)
+    return ref
 
 
-def needs_checkpoint(redis_client, run_id: str, current_version: int) -> CheckpointRef | None:
+def needs_checkpoint(
+    redis_client, run_id: str, current_version: int, root: str | os.PathLike | None = None
+) -> CheckpointRef | None:
     """The checkpoint to load first if it is newer than `current_version` (-1 = no weights)."""
-    ref = latest_checkpoint(redis_client, run_id)
+    ref = latest_checkpoint(redis_client, run_id, root)
     return ref if ref is not None and ref.version > current_version else None
+
+
+def check_checkpoint_dir(checkpoint_dir: str, root: str | os.PathLike) -> Path:
+    """``checkpoint_dir`` resolved, if it lies strictly inside ``root`` (the run's
+    ``<runs_dir>/<run_id>/checkpoints``) after following symlinks; a ``..`` is refused
+    outright. Otherwise a Redis writer could make workers load any directory they can read."""
+    given = Path(checkpoint_dir)
+    if ".." in given.parts:
+        raise AddressRefused(f"checkpoint dir {checkpoint_dir!r} read from Redis contains '..'")
+    inside, real = Path(root).resolve(), given.resolve()
+    if real == inside or not real.is_relative_to(inside):
+        raise AddressRefused(
+            f"checkpoint dir {checkpoint_dir!r} read from Redis resolves to {str(real)!r}, "
+            f"outside the run's checkpoints {str(inside)!r}"
+        )
+    return real
+
+
+def check_sync_address(host: str, port: object, allowed: Sequence[str] = ()) -> tuple[str, int]:
+    """The weight-sync store address read from Redis as ``(host, port)``, if ``host`` is one
+    of ``allowed``: an exact host or address, or a DNS suffix written with a leading dot
+    (``.learner-headless.rl.svc.cluster.local``). Nothing allowed = loopback only, where the
+    local stack's learner listens. Else ``AddressRefused``: a worker must not hand its
+    weights' source (and its collective's connections) to whoever wrote Redis."""
+    try:
+        number = int(str(port))
+    except ValueError:
+        number = -1
+    if not 0 < number < 65536:
+        raise AddressRefused(f"weight-sync port {port!r} read from Redis is not a TCP port")
+    name = str(host).strip().rstrip(".").lower()
+    if allowed:
+        accepted = bool(name) and any(_host_matches(name, entry) for entry in allowed)
+    else:
+        accepted = is_loopback(name)
+    if not accepted:
+        raise AddressRefused(
+            f"weight-sync host {host!r} read from Redis is not allowed "
+            f"(DAPO_SYNC_ALLOWED_HOSTS: {', '.join(allowed) or 'empty = loopback only'})"
+        )
+    return name, number
+
+
+def _host_matches(name: str, entry: str) -> bool:
+    entry = entry.strip().rstrip(".").lower()
+    if entry.startswith("."):
+        return name.endswith(entry) and len(name) > len(entry)
+    try:
+        return ipaddress.ip_address(name) == ipaddress.ip_address(entry)
+    except ValueError:
+        return name == entry
 
 
 def stale_or_mismatched_workers(

@@ -45,7 +45,7 @@ from redis.exceptions import LockError
 
 from dapo.runtime.config import load_run_spec
 from dapo.runtime.runs import InvalidTransition, RunNotFound, RunStore, live_services
-from dapo.transport.redis_bus import connect
+from dapo.runtime.service import redis_client
 from proto.lifecycle import ACTIONS
 from proto.runspec import RunSpec
 from proto.state import RunState
@@ -299,8 +299,9 @@ def add_error_handlers(app: FastAPI) -> None:
 
 # -- factory -----------------------------------------------------------------------
 def create_app(settings: ApiSettings, client: redis.Redis | None = None) -> FastAPI:
-    """The API over ``client`` (default: a connection to ``settings.redis_url``)."""
-    store = RunStore(client if client is not None else connect(settings.redis_url))
+    """The API over ``client`` (default: a connection to ``settings.redis_url``, logged in
+    as the settings say)."""
+    store = RunStore(client if client is not None else redis_client(settings))
     autostart = load_run_spec(settings.autostart_config) if settings.autostart_config else None
 
     @asynccontextmanager

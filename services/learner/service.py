@@ -165,6 +165,7 @@ class LearnerLoop:
         if self.policy.version != version_before:  # weights changed: send them
             self.broadcast()
         self.metrics.observe_step(figures)
+        self.rt.progress()
         self.rt.store.report_step(
             self.rt.run_id,
             StepReport(step=self.step, batch_id=batch.batch_id, version=self.policy.version,

@@ -90,6 +90,7 @@ class RewardWorker:
             for d, v in zip(got, verdicts, strict=True)
         ]
         self.rt.bus.publish_many("scored", scored, [g.group_id for g in scored], got)
+        self.rt.progress()
         for s in scored:
             self.metrics.observe(s)
         return len(scored)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from dapo.data.models import pick_device, resolve_model_dir
 from dapo.engines.vllm_settings import VLLMSettings
@@ -14,6 +15,7 @@ from dapo.runtime.config import ServiceSettings
 from dapo.runtime.service import ServiceRuntime
 from dapo.weights.receiver import WeightReceiver
 from dapo.weights.registry import latest_checkpoint
+from proto.runspec import RunSpec
 from services.rollout.service import RolloutWorker
 
 log = logging.getLogger(__name__)
@@ -26,12 +28,44 @@ class RolloutSettings(ServiceSettings):
     """Cap on prompts x G rows decoded at once (0 = no cap)."""
     vllm: VLLMSettings = Field(default_factory=VLLMSettings)
     """vLLM knobs (DAPO_VLLM_* variables), used when the run spec says rollout.engine: vllm."""
+    sync_allowed_hosts: str = ""
+    """Weight-sync hosts accepted from Redis: comma-separated hosts, addresses or DNS suffixes
+    with a leading dot (DAPO_SYNC_ALLOWED_HOSTS); empty = loopback only."""
+
+    @field_validator("sync_allowed_hosts")
+    @classmethod
+    def _hosts_are_names(cls, value: str) -> str:
+        """A typo here would silently refuse the real learner: reject what is no host name."""
+        for entry in cls.split_hosts(value):
+            if not _HOST.fullmatch(entry):
+                raise ValueError(f"{entry!r} is not a host, address or .dns.suffix")
+        return value
+
+    @staticmethod
+    def split_hosts(value: str) -> tuple[str, ...]:
+        return tuple(e.strip() for e in value.split(",") if e.strip())
+
+    def allowed_hosts(self) -> tuple[str, ...]:
+        """``sync_allowed_hosts`` as a tuple (``check_sync_address`` takes it)."""
+        return self.split_hosts(self.sync_allowed_hosts)
+
+
+_HOST = re.compile(r"\.?[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?|[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*")
+"""A host name, an IPv4 address, a DNS suffix with a leading dot, or an IPv6 address."""
+
+
+def checkpoint_root(spec: RunSpec, run_id: str) -> Path:
+    """Where the learner of ``run_id`` writes checkpoints: the only place a worker loads
+    weights from when Redis names a checkpoint (``check_checkpoint_dir``)."""
+    return Path(spec.trainer.runs_dir) / run_id / "checkpoints"
 
 
 def start_weights(rt: ServiceRuntime, model_dir: Path) -> tuple[Path, int]:
     """Where the engine loads its first weights from, and their version: the base model, or
     the newest checkpoint for a worker joining a run that has moved on."""
-    newest = latest_checkpoint(rt.client, rt.ctx.run_id)
+    newest = latest_checkpoint(
+        rt.client, rt.ctx.run_id, checkpoint_root(rt.ctx.spec, rt.ctx.run_id)
+    )
     if newest is None or not Path(newest.checkpoint_dir).is_dir():
         return model_dir, 0
     log.info(
@@ -74,6 +108,8 @@ def run(settings: RolloutSettings) -> None:
             device=device,
             load_fn=engine.load_weights,
             version=version,
+            allowed_hosts=settings.allowed_hosts(),
+            checkpoint_root=checkpoint_root(ctx.spec, ctx.run_id),
         )
         receiver.join()
         try:

@@ -160,6 +160,7 @@ class RolloutWorker:
             return 0
         groups = self.generate(got)
         self.rt.bus.publish_many("rollouts", groups, [g.group_id for g in groups], got)
+        self.rt.progress()
         return len(groups)
 
     def serve(self) -> None:

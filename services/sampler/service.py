@@ -187,6 +187,7 @@ class Sampler:
         for d in deliveries:
             outcome = self._assembler.offer(d.message, d, train_version)
             self.metrics.groups.labels(outcome).inc()
+            self.rt.progress()
             self.metrics.version_lag.observe(max(train_version - d.message.policy_version, 0))
             self._stats[outcome] += 1
             if outcome == "kept":
@@ -237,6 +238,7 @@ class Sampler:
             },
         )
         self.metrics.batches.inc()
+        self.rt.progress()
         log.info("batch %d published: %d groups, %s", batch.batch_id, len(groups), self._stats)
         self._reset_stats()
         return True

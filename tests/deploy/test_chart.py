@@ -8,117 +8,41 @@ settings classes, and the health and API servers' real routes.
 
 from __future__ import annotations
 
-import functools
-import importlib
 import json
 import os
 import shutil
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "deploy" / "k8s"
-VALUES = Path(__file__).resolve().parent / "values"
-RELEASE, NAMESPACE = "dapo", "rl"
-# The chart's kubeVersion floor and the newest schemas kubernetes-validate ships.
-KUBE_VERSIONS = ("1.28.0", kubernetes_validate.latest_version())
-GOOD_SETS = (None, "external-redis", "rollout-replicas", "ingress-monitoring")
-COMPONENTS = ("sampler", "reward", "rollout", "learner", "api")
-SETTINGS = {
-    "sampler": "services.sampler.main:SamplerSettings",
-    "reward": "services.reward.main:RewardSettings",
-    "rollout": "services.rollout.main:RolloutSettings",
-    "learner": "services.learner.main:LearnerSettings",
-    "api": "services.api.settings:ApiSettings",
-}
-GPU = "nvidia.com/gpu"
-
-
-# -- rendering ---------------------------------------------------------------------
-def values_of(name: str | None) -> dict:
-    """A values file parsed by Helm's own YAML reader (YAML 1.1 quirks included)."""
-    if name is None:
-        return {}
-    return helm.values_from_yaml((VALUES / f"{name}.yaml").read_text())
-
-
-@functools.cache
-def _chart(path: str = str(CHART)) -> helm.Chart:
-    return helm.Chart.load(path)
-
-
-def render_files(name: str | None, chart: Path = CHART) -> dict[str, str]:
-    """Template path -> rendered text, as `helm template` with that values file would give."""
-    out = _chart(str(chart)).render(
-        values_of(name), name=RELEASE, namespace=NAMESPACE, is_install=True
-    )
-    return {path.split("/templates/", 1)[1]: text for path, text in out.items()}
-
-
-@functools.cache
-def render(name: str | None) -> tuple[dict, ...]:
-    objs = []
-    for path, text in sorted(render_files(name).items()):
-        if path.endswith(".yaml"):
-            objs.extend(o for o in yaml.safe_load_all(text) if o)
-    return tuple(objs)
-
-
-def component_of(obj: dict) -> str | None:
-    return obj["metadata"]["labels"].get("app.kubernetes.io/component")
-
-
-def find(objs, kind: str, component: str | None = None) -> list[dict]:
-    return [o for o in objs if o["kind"] == kind and component in (None, component_of(o))]
-
-
-def one(objs, kind: str, component: str | None = None) -> dict:
-    found = find(objs, kind, component)
-    assert len(found) == 1, f"{kind} of {component}: {len(found)} objects"
-    return found[0]
-
-
-def workload(objs, component: str) -> dict:
-    kind = "StatefulSet" if component in ("learner", "redis") else "Deployment"
-    return one(objs, kind, component)
-
-
-def container(objs, component: str) -> dict:
-    (c,) = workload(objs, component)["spec"]["template"]["spec"]["containers"]
-    return c
-
-
-def pod_templates(objs) -> list[dict]:
-    return [o["spec"]["template"] for o in objs if o["kind"] in ("Deployment", "StatefulSet")]
-
-
-def env_of(c: dict) -> dict[str, str]:
-    return {e["name"]: e.get("value") for e in c.get("env", [])}
-
-
-def port_of(c: dict, name: str) -> int:
-    (port,) = [p["containerPort"] for p in c["ports"] if p["name"] == name]
-    return port
-
-
-def settings_class(component: str):
-    module, name = SETTINGS[component].split(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def env_names(cls) -> set[str]:
-    """The environment variables a settings class reads: DAPO_<FIELD> or the field's alias."""
-    names = set()
-    for field, info in cls.model_fields.items():
-        alias = info.validation_alias
-        names.add(alias.upper() if isinstance(alias, str) else f"DAPO_{field.upper()}")
-    return names
+from tests.deploy.chart_helpers import (
+    CHART,
+    COMPONENTS,
+    GOOD_SETS,
+    GPU,
+    KUBE_VERSIONS,
+    NAMESPACE,
+    REPO,
+    _chart,
+    container,
+    env_names,
+    env_of,
+    find,
+    one,
+    pod_templates,
+    port_of,
+    render,
+    render_files,
+    secret_refs,
+    selects,
+    settings_class,
+    values_of,
+    workload,
+)
 
 
 # -- Helm lint and Kubernetes schemas ----------------------------------------------
@@ -139,7 +63,7 @@ def test_every_object_matches_the_kubernetes_schemas(values):
     assert len(objs) >= 15
     for obj in objs:
         if obj["apiVersion"] == "monitoring.coreos.com/v1":
-            check_service_monitor_shape(obj)
+            check_operator_object_shape(obj)
             continue
         for version in KUBE_VERSIONS:
             try:
@@ -149,9 +73,19 @@ def test_every_object_matches_the_kubernetes_schemas(values):
                 pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} {where}: {exc.message}")
 
 
-def check_service_monitor_shape(sm: dict) -> None:
-    """ServiceMonitor is a CRD the shipped schemas lack: the fields Prometheus needs."""
-    assert sm["kind"] == "ServiceMonitor" and sm["metadata"]["name"]
+def check_operator_object_shape(obj: dict) -> None:
+    """ServiceMonitor and PrometheusRule are CRDs the shipped schemas lack: the fields the
+    Prometheus Operator needs (the rules themselves are checked by promtool, test_alerts)."""
+    assert obj["metadata"]["name"]
+    if obj["kind"] == "PrometheusRule":
+        assert set(obj["spec"]) == {"groups"}
+        for group in obj["spec"]["groups"]:
+            assert group["name"] and group["rules"]
+            assert all(set(r) <= {"alert", "expr", "for", "labels", "annotations"}
+                       for r in group["rules"])  # fmt: skip
+        return
+    sm = obj
+    assert sm["kind"] == "ServiceMonitor"
     assert set(sm["spec"]) <= {"selector", "namespaceSelector", "endpoints"}
     assert sm["spec"]["selector"]["matchLabels"]
     for ep in sm["spec"]["endpoints"]:
@@ -168,6 +102,11 @@ def check_service_monitor_shape(sm: dict) -> None:
         ({"rollout": {"device": "tpu"}}, "/rollout/device"),
         ({"replicaCount": 3}, "'replicaCount'"),
         ({"healthPort": "9400"}, "/healthPort"),
+        ({"redis": {"external": {"url": "redis://:pw@r:6379/0"}}}, "/redis/external/url"),
+        ({"redis": {"auth": {"username": "a b"}}}, "/redis/auth/username"),
+        ({"redis": {"maxmemory": "3gb"}}, "/redis/maxmemory"),
+        ({"monitoring": {"prometheusRule": {"for": {"DapoX": "1m"}}}}, "'DapoX'"),
+        ({"networkPolicy": {"ephemeralPorts": {"start": 0, "end": 1}}}, "/start"),
         ({"runConfig": {"trainer": {"runs_dir": "runs"}}}, "/runConfig/trainer/runs_dir"),
         (
             {"rollout": {"resources": {"requests": {"cpu": "1", "memory": "1Gi", GPU: 1}}}},
@@ -178,7 +117,7 @@ def check_service_monitor_shape(sm: dict) -> None:
 def test_schema_rejects_bad_values_naming_the_field(values, named):
     values = values_of(values) if isinstance(values, str) else values
     with pytest.raises(helm.HelmValuesError) as err:
-        _chart().render(values, name=RELEASE, namespace=NAMESPACE)
+        _chart().render(values, name="dapo", namespace=NAMESPACE)
     assert named in str(err.value)
     report = helm.lint(CHART, values, namespace=NAMESPACE)
     assert any(named in e for e in report["errors"]), report["errors"]
@@ -224,20 +163,25 @@ def test_gpus_only_on_rollout_and_learner(values):
 @pytest.mark.parametrize("values", GOOD_SETS)
 def test_env_is_read_by_the_settings_classes(values, monkeypatch, tmp_path):
     objs = render(values)
-    token = tmp_path / "token"
-    token.write_text("t0ken\n")
+    files = {"DAPO_API_TOKEN_FILE": tmp_path / "token", "DAPO_REDIS_TLS_CA": tmp_path / "ca"}
+    for path in files.values():
+        path.write_text("t0ken\n")
     for name in COMPONENTS:
         c, cls = container(objs, name), settings_class(name)
         env = {k: v for k, v in env_of(c).items() if k.startswith("DAPO_")}
         unknown = set(env) - env_names(cls)
         assert not unknown, f"{name}: {sorted(unknown)} are not fields of {cls.__name__}"
-        # The values parse: the settings the container would really get.
+        # The values parse: the settings the container would really get (a Secret's value
+        # and a mounted file stand in for what the kubelet provides).
         for k in [k for k in os.environ if k.startswith("DAPO_")]:
             monkeypatch.delenv(k)
         for k, v in env.items():
-            monkeypatch.setenv(k, str(token) if k == "DAPO_API_TOKEN_FILE" else v)
+            v = "s3cret" if k in secret_refs(c) else v
+            monkeypatch.setenv(k, str(files[k]) if k in files else v)
         s = cls.from_env()
         assert s.redis_url == env_of(container(objs, "api"))["DAPO_REDIS_URL"]
+        assert s.redis_password.get_secret_value() == "s3cret"
+        assert (s.redis_tls_ca is not None) == s.redis_url.startswith("rediss://")
         if name == "api":
             assert (s.host, s.port) == ("0.0.0.0", port_of(c, "http"))
             assert s.resolved_token() == "t0ken"
@@ -360,6 +304,7 @@ def test_default_release_objects():
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
     assert "replicas" not in workload(objs, "reward")["spec"]  # the HPA owns it
     assert not find(objs, "Ingress") and not find(objs, "ServiceMonitor")
+    assert not find(objs, "PrometheusRule")
     url = "redis://dapo-redis:6379/0"
     assert all(env_of(container(objs, n))["DAPO_REDIS_URL"] == url for n in COMPONENTS)
 
@@ -376,7 +321,12 @@ def test_external_redis_replaces_the_statefulset():
     (models,) = [v["persistentVolumeClaim"] for v in volumes if v["name"] == "models"]
     assert models["claimName"] == "llm-weights"
     assert "data" not in {m["name"] for m in container(objs, "sampler")["volumeMounts"]}
-    assert "s3cret" not in render_files("external-redis")["NOTES.txt"]
+    # The login comes from the user's Secret; the chart makes none for Redis.
+    assert [s["metadata"]["name"] for s in find(objs, "Secret")] == ["dapo-api-token"]
+    for name in COMPONENTS:
+        refs = secret_refs(container(objs, name))
+        assert refs["DAPO_REDIS_PASSWORD"] == ("shared-redis", "redis-password")
+    assert "shared-redis" in render_files("external-redis")["NOTES.txt"]
 
 
 def test_ingress_and_service_monitor():
@@ -396,45 +346,11 @@ def test_ingress_and_service_monitor():
         assert [bool(ports & {p["name"] for p in s["spec"]["ports"]}) for s in services] == [True]
     assert not any(selects(sm["spec"]["selector"], s) for s in find(objs, "Service", "redis"))
     secret = workload(objs, "api")["spec"]["template"]["spec"]["volumes"][-1]["secret"]
-    assert secret["secretName"] == "dapo-api-credentials" and not find(objs, "Secret")
+    assert secret["secretName"] == "dapo-api-credentials"
+    assert [s["metadata"]["name"] for s in find(objs, "Secret")] == ["dapo-redis-auth"]
     assert secret["items"] == [{"key": "api-token", "path": "token"}]
     notes = render_files("ingress-monitoring")["NOTES.txt"]
     assert "https://dapo.rl.example.org/" in notes and "dapo-api-credentials" in notes
-
-
-def selects(selector: dict, obj: dict) -> bool:
-    """Kubernetes label-selector semantics (matchLabels + In/NotIn expressions)."""
-    labels = obj["metadata"]["labels"]
-    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
-        return False
-    for expr in selector.get("matchExpressions", []):
-        inside = labels.get(expr["key"]) in expr["values"]
-        if inside != (expr["operator"] == "In"):
-            return False
-    return True
-
-
-@pytest.mark.parametrize("values", [None, "ingress-monitoring"])
-def test_network_policies_open_only_the_api(values):
-    objs = render(values)
-    policies = find(objs, "NetworkPolicy")
-    release = {"app.kubernetes.io/name": "dapo", "app.kubernetes.io/instance": RELEASE}
-    for tmpl in pod_templates(objs):
-        (policy,) = [p for p in policies if selects(p["spec"]["podSelector"], tmpl)]
-        rules = policy["spec"]["ingress"]
-        if component_of(tmpl) == "api":  # anyone, on the API port only
-            assert rules == [{"ports": [{"port": "http", "protocol": "TCP"}]}]
-            continue
-        # Any port, but only from pods of this release (which every pod is)...
-        assert rules[0] == {"from": [{"podSelector": {"matchLabels": release}}]}
-        assert all(selects(rules[0]["from"][0]["podSelector"], t) for t in pod_templates(objs))
-        # ...and the metrics port from Prometheus when it scrapes.
-        scrape = rules[1:]
-        if values is None:
-            assert not scrape
-        else:
-            assert scrape[0]["ports"] == [{"port": "metrics", "protocol": "TCP"}]
-            assert scrape[0]["from"] == values_of(values)["networkPolicy"]["prometheus"]
 
 
 @pytest.mark.parametrize("values", GOOD_SETS)

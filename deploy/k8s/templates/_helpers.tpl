@@ -52,12 +52,112 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: dapo
 {{- end }}
 
-{{/* The Redis every component uses: the external URL, else the chart's StatefulSet. */}}
+{{/* The Redis every component uses: the external URL, else the chart's StatefulSet (TLS when
+redis.tls.enabled). Never with a login in it: that comes from the Secret (dapo.redisEnv). */}}
 {{- define "dapo.redisUrl" -}}
 {{- if .Values.redis.external.url }}
 {{- .Values.redis.external.url }}
 {{- else }}
-{{- printf "redis://%s:%d/0" (include "dapo.componentName" (dict "root" . "component" "redis")) (int .Values.redis.port) }}
+{{- $scheme := ternary "rediss" "redis" .Values.redis.tls.enabled }}
+{{- printf "%s://%s:%d/0" $scheme (include "dapo.componentName" (dict "root" . "component" "redis")) (int .Values.redis.port) }}
+{{- end }}
+{{- end }}
+
+{{/* TCP port of the Redis the clients dial (the external URL's, default 6379). */}}
+{{- define "dapo.redisPort" -}}
+{{- if .Values.redis.external.url }}
+{{- $hostport := regexReplaceAll "[/?].*$" (regexReplaceAll "^[a-z]+://" .Values.redis.external.url "") "" }}
+{{- default "6379" (regexFind "[0-9]+$" (regexFind ":[0-9]+$" $hostport)) }}
+{{- else }}
+{{- .Values.redis.port }}
+{{- end }}
+{{- end }}
+
+{{- define "dapo.redisSecretName" -}}
+{{- default (include "dapo.componentName" (dict "root" . "component" "redis-auth")) .Values.redis.auth.existingSecret }}
+{{- end }}
+
+{{/* Where clients find the CA that verifies Redis's certificate. */}}
+{{- define "dapo.redisCaDir" -}}/var/run/secrets/dapo/redis-tls{{- end }}
+
+{{/* Redis URL and login of a client container: the password only as a secretKeyRef. */}}
+{{- define "dapo.redisEnv" -}}
+{{- $auth := .Values.redis.auth }}
+- name: DAPO_REDIS_URL
+  value: {{ include "dapo.redisUrl" . | quote }}
+- name: DAPO_REDIS_PASSWORD
+  {{- include "dapo.redisPasswordRef" . | nindent 2 }}
+{{- with $auth.username }}
+- name: DAPO_REDIS_USERNAME
+  value: {{ . | quote }}
+{{- end }}
+{{- if .Values.redis.tls.enabled }}
+- name: DAPO_REDIS_TLS_CA
+  value: {{ printf "%s/ca.crt" (include "dapo.redisCaDir" .) | quote }}
+{{- end }}
+{{- end }}
+
+{{/* valueFrom of the Redis password, from the Secret. */}}
+{{- define "dapo.redisPasswordRef" -}}
+valueFrom:
+  secretKeyRef:
+    name: {{ include "dapo.redisSecretName" . }}
+    key: {{ .Values.redis.auth.passwordKey }}
+{{- end }}
+
+{{/* The CA volume and mount of a Redis client (nothing without TLS). */}}
+{{- define "dapo.redisCaVolumes" -}}
+{{- if .Values.redis.tls.enabled }}
+- name: redis-ca
+  secret:
+    secretName: {{ .Values.redis.tls.existingSecret }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.redis.tls.caKey }}
+        path: ca.crt
+{{- end }}
+{{- end }}
+
+{{- define "dapo.redisCaMounts" -}}
+{{- if .Values.redis.tls.enabled }}
+- name: redis-ca
+  mountPath: {{ include "dapo.redisCaDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* Bytes of a Kubernetes quantity (3Gi, 512M, 1.5Gi, 4294967296). */}}
+{{- define "dapo.bytes" -}}
+{{- if or (kindIs "float64" .) (kindIs "int" .) (kindIs "int64" .) }}
+{{- printf "%.0f" (float64 .) }}
+{{- else }}
+{{- $num := regexFind "^[0-9]+(\\.[0-9]+)?" . }}
+{{- $units := dict "" 1 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 }}
+{{- $unit := trimPrefix $num . }}
+{{- if not (hasKey $units $unit) }}
+{{- fail (printf "unsupported memory quantity %q (use k, M, G, T, Ki, Mi, Gi or Ti)" .) }}
+{{- end }}
+{{- printf "%.0f" (mulf (float64 $num) (index $units $unit)) }}
+{{- end }}
+{{- end }}
+
+{{/* Value combinations the schema cannot refuse: each fails the render with its reason. */}}
+{{- define "dapo.checkValues" -}}
+{{- $r := .Values.redis }}
+{{- if and $r.external.url (not $r.auth.existingSecret) }}
+{{- fail "redis.external.url needs redis.auth.existingSecret: the Secret with that Redis's password" }}
+{{- end }}
+{{- if and $r.tls.enabled (not $r.tls.existingSecret) }}
+{{- fail "redis.tls.enabled needs redis.tls.existingSecret: the Secret with the CA (and, in-cluster, the server's certificate)" }}
+{{- end }}
+{{- if and $r.tls.enabled $r.external.url (not (hasPrefix "rediss://" $r.external.url)) }}
+{{- fail "redis.tls.enabled needs a rediss:// redis.external.url" }}
+{{- end }}
+{{- $limit := dig "limits" "memory" "" $r.resources }}
+{{- if and (not $r.external.url) $limit }}
+{{- if le (float64 (include "dapo.bytes" $limit)) (float64 (include "dapo.bytes" $r.maxmemory)) }}
+{{- fail (printf "redis.resources.limits.memory (%v) must exceed redis.maxmemory (%v)" $limit $r.maxmemory) }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -192,8 +292,7 @@ affinity:
 {{/* DAPO_* settings every worker service (sampler, reward, rollout, learner) reads:
 (dict "root" $ "c" .Values.rollout) */}}
 {{- define "dapo.workerEnv" -}}
-- name: DAPO_REDIS_URL
-  value: {{ include "dapo.redisUrl" .root | quote }}
+{{ include "dapo.redisEnv" .root }}
 - name: DAPO_RUN_ID
   value: {{ .root.Values.runId | quote }}
 - name: DAPO_HEALTH_HOST
@@ -209,6 +308,16 @@ affinity:
 - name: DAPO_CACHE_DIR
   value: {{ .root.Values.cacheDir | quote }}
 {{ include "dapo.scratchEnv" .root }}
+{{- end }}
+
+{{/* The learner's headless Service: its pods' stable DNS names. */}}
+{{- define "dapo.learnerHeadless" -}}
+{{- printf "%s-headless" (include "dapo.componentName" (dict "root" . "component" "learner")) }}
+{{- end }}
+
+{{/* DNS suffix of the learner pods' names (DAPO_SYNC_HOST), as rollout pods accept it. */}}
+{{- define "dapo.syncAllowedHosts" -}}
+{{- printf ".%s.%s.svc.%s" (include "dapo.learnerHeadless" .) .Release.Namespace .Values.clusterDomain }}
 {{- end }}
 
 {{/* Probes on the health endpoints: (dict "port" "metrics") */}}
