@@ -51,12 +51,48 @@ def _pack(value: Any, chunks: list[np.ndarray], offset: list[int]) -> Any:
     return value
 
 
-def _unpack(value: Any, blob: bytes) -> Any:
+WIRE_DTYPES = frozenset({"<i4", "<f4"})
+"""The array dtypes messages hold (token ids, log-probs): an entry may not ask for another,
+so validation never widens (copies) what arrives."""
+MAX_HEADER_BYTES = 16 << 20
+"""A header is the small JSON part of an entry; arrays travel in the blob."""
+
+
+class _Blob:
+    """The payload an entry's arrays are cut from; each byte may be referenced once, so an
+    entry cannot make its decoder materialise more than it sent (aliased references, the
+    same megabyte read as a thousand arrays, are refused)."""
+
+    def __init__(self, data: bytes | memoryview) -> None:
+        self.data, self.spans = data, []
+
+    def array(self, ref: Any) -> np.ndarray:
+        if not (isinstance(ref, list) and len(ref) == 3):
+            raise DecodeError(f"malformed array reference {str(ref)[:80]}")
+        dtype, off, count = ref
+        if not (isinstance(off, int) and isinstance(count, int)):
+            raise DecodeError(f"malformed array reference {str(ref)[:80]}")
+        if dtype not in WIRE_DTYPES:
+            raise DecodeError(f"array dtype {str(dtype)[:16]!r} not in {sorted(WIRE_DTYPES)}")
+        nbytes = count * np.dtype(dtype).itemsize
+        if off < 0 or count < 0 or off + nbytes > len(self.data):
+            raise DecodeError(
+                f"array reference [{off}, {off + nbytes}) outside the {len(self.data)}-byte blob"
+            )
+        self.spans.append((off, off + nbytes))
+        return np.frombuffer(self.data, dtype=np.dtype(dtype), count=count, offset=off)
+
+    def check_disjoint(self) -> None:
+        spans = sorted(s for s in self.spans if s[1] > s[0])
+        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+            if start < end:
+                raise DecodeError("array references overlap: each byte may be read once")
+
+
+def _unpack(value: Any, blob: _Blob) -> Any:
     if isinstance(value, dict):
-        ref = value.get(_REF)
-        if ref is not None and len(value) == 1:
-            dtype, off, count = ref
-            return np.frombuffer(blob, dtype=np.dtype(dtype), count=count, offset=off)
+        if _REF in value and len(value) == 1:
+            return blob.array(value[_REF])
         return {k: _unpack(v, blob) for k, v in value.items()}
     if isinstance(value, list):
         return [_unpack(v, blob) for v in value]
@@ -104,11 +140,19 @@ def decode(fields: dict, expected: type[M]) -> M:
     kind = _field(fields, "k").decode(errors="replace")
     if kind != expected.kind:
         raise DecodeError(f"expected a '{expected.kind}' message, got '{kind}'")
+    raw_header = _field(fields, "h")
+    if len(raw_header) > MAX_HEADER_BYTES:
+        raise DecodeError(f"{kind} header of {len(raw_header)} bytes (at most {MAX_HEADER_BYTES})")
     try:
-        header = json.loads(_field(fields, "h"))
-        payload = _unpack(header, _field(fields, "b") if b"b" in fields or "b" in fields else b"")
+        header = json.loads(raw_header)
+        blob = _Blob(_field(fields, "b") if b"b" in fields or "b" in fields else b"")
+        payload = _unpack(header, blob)
+        blob.check_disjoint()  # before validation: nothing has been copied yet
         return expected.model_validate(payload)
+    except DecodeError:
+        raise
     except ValidationError as exc:
-        raise DecodeError(f"invalid {kind}: {exc}") from exc
-    except (ValueError, TypeError) as exc:  # bad JSON, array ref outside the blob, ...
-        raise DecodeError(f"malformed {kind}: {exc}") from exc
+        raise DecodeError(f"invalid {kind}: {str(exc)[:2000]}") from exc
+    except (ValueError, TypeError, RecursionError, OverflowError) as exc:
+        # bad JSON, nesting past the interpreter's limit, an integer too long to convert
+        raise DecodeError(f"malformed {kind}: {type(exc).__name__}: {str(exc)[:500]}") from exc

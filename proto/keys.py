@@ -17,6 +17,8 @@ _RUN_ID = re.compile(RUN_ID_PATTERN)
 
 RUNS_INDEX = "dapo:runs"
 """Sorted set of all run ids (score = creation time), for listing."""
+ACTIVE_RUNS = "dapo:runs:active"
+"""Set of the run ids not yet in a final state, kept with each state change."""
 SERVICES_PREFIX = "dapo:services:"
 """Heartbeats of live service processes: ``dapo:services:<kind>:<worker_id>``."""
 

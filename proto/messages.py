@@ -24,6 +24,8 @@ from pydantic import (
 )
 
 SCHEMA_VERSION = 1
+LOGPROB_SLACK = 1e-3
+"""Log-probabilities are <= 0; this much above 0 is rounding of a log-softmax, more is not."""
 
 
 def _array_of(dtype: np.dtype):
@@ -146,6 +148,10 @@ class Sample(BaseModel):
             )
         if self.response_ids.size == 0:
             raise ValueError("response_ids is empty")
+        lp = self.logprobs
+        if not np.isfinite(lp).all() or (lp > LOGPROB_SLACK).any():
+            bad = lp[~np.isfinite(lp) | (lp > LOGPROB_SLACK)][:3].tolist()
+            raise ValueError(f"logprobs must be finite and <= 0, got {bad}")
         v, s = self.versions, self.version_starts
         if v.size == 0 or v.shape != s.shape:
             raise ValueError(f"versions ({v.size}) and version_starts ({s.size}) must be "

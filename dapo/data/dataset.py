@@ -54,8 +54,15 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DatasetError(
+                    f"{path}: row {len(rows)} (line {line_no}): not valid UTF-8 "
+                    f"(byte {exc.start} of the line)"
+                ) from None
             if not line.strip():
                 continue
             try:

@@ -27,11 +27,24 @@ def resolve_model_dir(
     return path
 
 
+def tokenizer_dir(cfg: ModelConfig, cache_dir: str | Path | None) -> Path:
+    """The tokenizer's directory: ``model.tokenizer_path``, else the model's. A name that is
+    not a local directory is refused (a Hub id would make transformers download it)."""
+    if cfg.tokenizer_path is None:
+        return resolve_model_dir(cfg, cache_dir)
+    path = Path(cfg.tokenizer_path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model.tokenizer_path {cfg.tokenizer_path!r} is not a local directory; "
+            "tokenizers are never downloaded at run time"
+        )
+    return path
+
+
 def load_tokenizer(cfg: ModelConfig, cache_dir: str | Path | None):
     from transformers import AutoTokenizer
 
-    path = cfg.tokenizer_path or resolve_model_dir(cfg, cache_dir)
-    return AutoTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir(cfg, cache_dir)), local_files_only=True)
 
 
 def pick_device(setting: str) -> str:

@@ -18,10 +18,15 @@ class HealthServer:
         ready: Callable[[], tuple[bool, str]],
         host: str = "127.0.0.1",
         port: int = 0,
+        idle_timeout_s: float = 10.0,
     ) -> None:
         registry_ref, ready_ref = registry, ready
 
         class Handler(BaseHTTPRequestHandler):
+            # a connection that sends nothing is closed after this long, so idle or
+            # half-open clients cannot pin one thread each forever
+            timeout = idle_timeout_s
+
             def do_GET(self) -> None:  # noqa: N802 (http.server API)
                 path = self.path.split("?", 1)[0]
                 if path == "/healthz":

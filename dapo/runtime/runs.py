@@ -20,7 +20,7 @@ from typing import Protocol
 
 import redis
 
-from proto.keys import RUNS_INDEX, SERVICES_PREFIX, RunKeys, check_run_id
+from proto.keys import ACTIVE_RUNS, RUNS_INDEX, SERVICES_PREFIX, RunKeys, check_run_id
 from proto.lifecycle import ACTIONS, ACTIVE, ENDINGS, RunStatus
 from proto.runspec import RunSpec
 from proto.state import RunState, StepReport, account_from_counters
@@ -148,8 +148,11 @@ class RunStore(_Lifecycle):
         state = RunState(run_id=keys.run_id)
         if not self.client.set(keys.spec, spec.model_dump_json(), nx=True):
             raise ValueError(f"run {keys.run_id} already exists")
-        self.client.set(keys.state, state.model_dump_json())
-        self.client.zadd(RUNS_INDEX, {keys.run_id: state.created_at})
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(keys.state, state.model_dump_json())
+        pipe.zadd(RUNS_INDEX, {keys.run_id: state.created_at})
+        pipe.sadd(ACTIVE_RUNS, keys.run_id)
+        pipe.execute()
         return state
 
     def spec(self, run_id: str) -> RunSpec:
@@ -180,6 +183,10 @@ class RunStore(_Lifecycle):
                         return state
                     pipe.multi()
                     pipe.set(key, new.model_dump_json())
+                    if new.status in ACTIVE:  # the index of active runs follows the state
+                        pipe.sadd(ACTIVE_RUNS, run_id)
+                    else:
+                        pipe.srem(ACTIVE_RUNS, run_id)
                     pipe.execute()
                     return new
                 except redis.WatchError:
@@ -197,11 +204,21 @@ class RunStore(_Lifecycle):
         return account_from_counters(self.client.hgetall(RunKeys(run_id).account))
 
     def list(self) -> list[RunState]:
+        return self._states(r.decode() for r in self.client.zrange(RUNS_INDEX, 0, -1))
+
+    def active(self) -> list[RunState]:
+        """The active runs, oldest first, from their index: the cost does not grow with the
+        runs that have ended."""
+        ids = sorted(r.decode() for r in self.client.smembers(ACTIVE_RUNS))
+        states = [s for s in self._states(ids) if s.status in ACTIVE]
+        return sorted(states, key=lambda s: s.created_at)
+
+    def _states(self, run_ids) -> list[RunState]:
         out = []
-        for rid in self.client.zrange(RUNS_INDEX, 0, -1):
+        for rid in run_ids:
             try:
-                out.append(self.state(rid.decode()))
-            except RunNotFound:
+                out.append(self.state(rid))
+            except (RunNotFound, ValueError):  # gone, or not a run id this store wrote
                 continue
         return out
 

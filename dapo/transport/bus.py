@@ -47,6 +47,8 @@ M = TypeVar("M", bound=Message)
 
 STATS = "stats"
 """Counter hash of the bus itself: ``dead.<stream>`` per source stream."""
+DEAD_FIELD_BYTES = 64 << 10
+"""How much of each original field a dead letter keeps."""
 
 
 class BusSettings(BaseModel):
@@ -171,7 +173,9 @@ def dead_letter_record(
     stream: str, group: str, entry_id: str, fields: Mapping, reason: str
 ) -> dict[str, bytes | str]:
     """The dead-letter entry of one source entry: where it came from, why, and its original
-    fields under ``orig.<name>``. Field names that are not UTF-8 are kept escaped, so even a
+    fields under ``orig.<name>``, each cut to ``DEAD_FIELD_BYTES`` (the full size kept in
+    ``size.<name>``): the dead-letter stream is for diagnosis and must stay small whatever
+    was thrown at the bus. Field names that are not UTF-8 are kept escaped, so even a
     hostile entry can be moved aside."""
     record: dict[str, bytes | str] = {
         "stream": stream,
@@ -179,7 +183,10 @@ def dead_letter_record(
         "entry_id": entry_id,
         "reason": reason[:4000],
     }
-    for name, value in fields.items():
+    for name, value in list(fields.items())[:64]:
         key = name.decode("utf-8", "backslashreplace") if isinstance(name, bytes) else str(name)
-        record[f"orig.{key}"] = value
+        raw = value if isinstance(value, bytes | bytearray | memoryview) else str(value).encode()
+        record[f"orig.{key[:200]}"] = bytes(raw[:DEAD_FIELD_BYTES])
+        if len(raw) > DEAD_FIELD_BYTES:
+            record[f"size.{key[:200]}"] = str(len(raw))
     return record

@@ -200,3 +200,13 @@ def test_default_task_name_resolves_to_its_split_files(tmp_path):
     extra = _write_jsonl(tmp_path / "extra.jsonl", _rows(2))
     mixed = load_default_or_files(["default-task", str(extra)], tmp_path, split="val", sft_steps=1)
     assert len(mixed) == task.num_val + 2 and mixed[-1].index == task.num_val + 1
+
+
+def test_invalid_utf8_names_its_row(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    good = b'{"prompt": "1+1=", "reward_model": {"ground_truth": "2"}}\n'
+    path.write_bytes(
+        good + good + b'{"prompt": "\xff\xfe", "reward_model": {"ground_truth": "1"}}\n'
+    )
+    with pytest.raises(DatasetError, match=r"row 2 \(line 3\): not valid UTF-8"):
+        load_dataset(path)

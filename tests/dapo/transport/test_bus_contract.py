@@ -125,3 +125,16 @@ def test_broadcast_read_skips_and_counts_a_poison_entry(new_bus, run_id):
     assert bus.read("versions", cursor) == (cursor, [])
     bus.publish("versions", weight_version(run_id, 4))
     assert [m.version for m in bus.read("versions", cursor)[1]] == [4]
+
+
+def test_dead_letters_keep_a_bounded_copy_of_what_came(new_bus, run_id):
+    bus = new_bus()
+    append_raw(bus, "prompts", {"v": "1", "k": "prompt_task", "h": "{}", "b": b"x" * (1 << 20)})
+    assert bus.consume("prompts", "rollout", "w0", count=4, block_ms=10) == []
+    if isinstance(bus, RedisBus):
+        ((_, record),) = bus.client.xrange(bus.dead_key)
+        record = {k.decode(): v for k, v in record.items()}
+    else:
+        (record,) = bus.dead
+    assert len(record["orig.b"]) == 64 << 10 and int(record["size.b"]) == 1 << 20
+    assert record["orig.k"] in (b"prompt_task", "prompt_task")
