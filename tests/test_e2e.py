@@ -14,6 +14,7 @@ import redis
 from transformers import AutoModelForCausalLM
 
 from dapo.cli.stack import RestartPolicy
+from dapo.transport.redis_bus import RedisBus
 from dapo.weights.registry import stale_or_mismatched_workers
 from proto.keys import run_key
 from tests.e2e_helpers import (
@@ -181,6 +182,30 @@ def test_every_trained_token_respects_the_staleness_bound(
     if staleness:  # and the bound is used: generation overlaps training
         assert max(r["staleness/lag_max"] for r in rows) >= 1
     assert_account_adds_up(store, stack.run_id)
+
+
+def test_a_second_learner_for_the_run_waits_and_trains_nothing(model_dir, tmp_path, redis_url):
+    runs = tmp_path / "runs"
+    spec = small_spec(
+        model_dir,
+        make_dataset(tmp_path / "train.jsonl"),
+        runs,
+        trainer={"total_training_steps": 4, "save_freq": 2, "runs_dir": str(runs)},
+    )
+    store, stack = start_run(redis_url, spec, rollout_workers=1)
+    second = stack.start("learner", 1)  # a second replica by mistake, under another name
+    try:
+        assert wait_status(store, stack, stack.run_id, {"completed", "failed"}) == "completed"
+        second.popen.wait(timeout=60)  # the run ended while it waited: it leaves
+    finally:
+        stack.stop()
+    assert second.popen.returncode == 0
+    assert "waiting for it" in second.log_path.read_text()
+    assert [r["batch_id"] for r in metrics_lines(stack.run_dir)] == [0, 1, 2, 3]
+    client = redis.Redis.from_url(redis_url)
+    announced = [m.version for m in RedisBus(client, stack.run_id).read("versions")[1]]
+    assert announced == sorted(set(announced))  # no version announced twice
+    assert store.state(stack.run_id).policy_version == 4
 
 
 def test_dataset_row_without_answer_is_reported_before_anything_starts(model_dir, tmp_path):

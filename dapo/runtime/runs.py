@@ -20,6 +20,7 @@ from typing import Protocol
 
 import redis
 
+from dapo.transport.bus import Fence, FencedOut, check_fence
 from proto.keys import ACTIVE_RUNS, RUNS_INDEX, SERVICES_PREFIX, RunKeys, check_run_id
 from proto.lifecycle import ACTIONS, ACTIVE, ENDINGS, RunStatus
 from proto.runspec import RunSpec
@@ -139,9 +140,11 @@ def _apply(state: RunState, change: Change) -> RunState | None:
 
 @dataclass
 class RunStore(_Lifecycle):
-    """The run store in Redis."""
+    """The run store in Redis; with a ``fence`` every write is fenced by a lease
+    (``dapo.runtime.lease``), reads are not."""
 
     client: redis.Redis
+    fence: Fence | None = None
 
     def create(self, spec: RunSpec, run_id: str | None = None) -> RunState:
         keys = RunKeys(run_id or new_run_id(spec))
@@ -173,7 +176,8 @@ class RunStore(_Lifecycle):
         with self.client.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(key)
+                    pipe.watch(key, *([self.fence[0]] if self.fence else []))
+                    check_fence(pipe, self.fence)
                     raw = pipe.get(key)
                     if raw is None:
                         raise RunNotFound(run_id)
@@ -193,7 +197,16 @@ class RunStore(_Lifecycle):
                     continue
 
     def report_step(self, run_id: str, report: StepReport) -> None:
-        self.client.set(RunKeys(run_id).report, report.model_dump_json())
+        with self.client.pipeline() as pipe:
+            try:
+                if self.fence is not None:
+                    pipe.watch(self.fence[0])
+                    check_fence(pipe, self.fence)
+                pipe.multi()
+                pipe.set(RunKeys(run_id).report, report.model_dump_json())
+                pipe.execute()
+            except redis.WatchError:  # only the fence key is watched: the lease moved
+                raise FencedOut(f"lease {self.fence[0]} moved during a write") from None
 
     def latest_report(self, run_id: str) -> StepReport | None:
         raw = self.client.get(RunKeys(run_id).report)

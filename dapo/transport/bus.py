@@ -162,6 +162,23 @@ class Bus(Protocol):
     def length(self, stream: str) -> int: ...
 
 
+class FencedOut(RuntimeError):
+    """This process no longer holds the lease its writes are fenced by
+    (``dapo.runtime.lease``)."""
+
+
+Fence = tuple[str, bytes]
+"""(lease key, the value this process set there): a fenced write happens only while the key
+still holds that value."""
+
+
+def check_fence(pipe, fence: Fence | None) -> None:
+    """Inside a WATCH block on the fence key: raise ``FencedOut`` unless the lease is still
+    ours (the WATCH then aborts the transaction if it moves before EXEC)."""
+    if fence is not None and pipe.get(fence[0]) != fence[1]:
+        raise FencedOut(f"lease {fence[0]} is no longer held by this process")
+
+
 def id_tuple(entry_id: str | bytes) -> tuple[int, int]:
     """``"1700000000000-3"`` -> (1700000000000, 3): entry ids order as these tuples."""
     text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)

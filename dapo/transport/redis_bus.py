@@ -19,8 +19,10 @@ from dapo.transport.bus import (
     STATS,
     BusSettings,
     Delivery,
+    Fence,
     GroupLag,
     M,
+    check_fence,
     dead_letter_record,
     id_tuple,
 )
@@ -47,6 +49,8 @@ class RedisBus:
     client: redis.Redis
     run_id: str
     settings: BusSettings = field(default_factory=BusSettings)
+    fence: Fence | None = None
+    """When set, every write of this client is fenced by a lease (``dapo.runtime.lease``)."""
     _groups: set = field(default_factory=set, init=False, repr=False)
     _consumers: dict = field(default_factory=dict, init=False, repr=False)
     _published: dict = field(default_factory=dict, init=False, repr=False)
@@ -97,6 +101,9 @@ class RedisBus:
             while True:
                 try:
                     seen = set()
+                    if self.fence is not None:
+                        pipe.watch(self.fence[0])
+                        check_fence(pipe, self.fence)
                     if watched:
                         pipe.watch(*watched)
                         # immediate mode between WATCH and MULTI: one round trip for all keys
@@ -152,18 +159,22 @@ class RedisBus:
         return self._transaction(items) if items else []
 
     def ack_many(self, deliveries: Sequence[Delivery]) -> None:
-        by_source: dict[tuple[str, str], list[str]] = {}
+        by_source: dict[tuple[str, str], list[Delivery]] = {}
         for d in deliveries:
-            by_source.setdefault((d.stream, d.group), []).append(d.entry_id)
-        for (stream, group), ids in by_source.items():
-            self.client.xack(self.key(stream), group, *ids)
+            by_source.setdefault((d.stream, d.group), []).append(d)
+        for acks in by_source.values():
+            if self.fence is not None:  # an ack is a write like any other: fenced
+                self._transaction([(None, None, None, acks, None, STATS)])
+            else:
+                self.client.xack(self.key(acks[0].stream), acks[0].group,
+                                 *(d.entry_id for d in acks))  # fmt: skip
 
     def publish(self, stream: str, msg: Message, *, dedupe_key: str | None = None) -> str | None:
         """Append ``msg``; returns its entry id, or None if ``dedupe_key`` was seen before."""
         return self.commit(stream=stream, msg=msg, dedupe_key=dedupe_key)
 
     def ack(self, delivery: Delivery) -> None:
-        self.client.xack(self.key(delivery.stream), delivery.group, delivery.entry_id)
+        self.ack_many([delivery])
 
     def nack(self, delivery: Delivery, reason: str) -> None:
         """Processing failed: keep the entry pending for redelivery (dead-lettered after N)."""

@@ -10,7 +10,11 @@ rank its model, trainer and resume point.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,8 +22,10 @@ from pydantic import Field
 
 from dapo.data.models import load_tokenizer, pick_device
 from dapo.runtime.config import ServiceSettings
-from dapo.runtime.service import ServiceRuntime
+from dapo.runtime.lease import Lease
+from dapo.runtime.service import ServiceContext, ServiceRuntime
 from dapo.weights.sender import WeightSender
+from proto.keys import run_key
 from services.learner.checkpoint import newest_checkpoint
 from services.learner.distributed import meta_params
 from services.learner.policy import Policy, build_policy
@@ -27,6 +33,9 @@ from services.learner.ranks import Ranks, SoloRanks, init_ranks
 from services.learner.service import LearnerLoop
 
 log = logging.getLogger(__name__)
+LEASE_TTL_S = 15.0
+"""How long a learner that stopped renewing keeps the run's learner lease: a restarted learner
+waits at most this long for a crashed one's lease to lapse."""
 
 
 class LearnerSettings(ServiceSettings):
@@ -81,13 +90,29 @@ def open_sender(rt: ServiceRuntime, policy: Policy, settings: LearnerSettings) -
     )
 
 
+@contextmanager
+def hold_learner_lease(rt: ServiceRuntime) -> Iterator[ServiceContext]:
+    """One learner per run: take the run's learner lease (waiting while another learner holds
+    it) before reading any checkpoint, and fence every write to Redis by it, so a learner
+    that lost the lease (a long stall, a second replica) writes nothing more."""
+    ctx = rt.ctx
+    holder = f"{ctx.worker_id}@{socket.gethostname()}:{os.getpid()}"
+    lease = Lease(rt.client, run_key(ctx.run_id, "learner", "lease"), holder, LEASE_TTL_S)
+    fence = lease.acquire(stop=ctx.should_stop)
+    ctx.bus.fence = fence
+    ctx.store.fence = fence
+    try:
+        yield ctx
+    finally:
+        lease.release()
+
+
 def lead(settings: LearnerSettings, ranks: Ranks) -> None:
     """Rank 0: the service shell, the weight sender and the learner loop. The other ranks
     (if any) learn the run from the "init" command and are released by "stop"."""
     started = False
     try:
-        with ServiceRuntime("learner", settings) as rt:
-            ctx = rt.ctx
+        with ServiceRuntime("learner", settings) as rt, hold_learner_lease(rt) as ctx:
             spec = ctx.spec
             run_dir = Path(spec.trainer.runs_dir) / ctx.run_id
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -304,4 +304,6 @@ def test_uncorrected_staleness_needs_saying_so():
         [*uncorrected, "algorithm.rollout_correction.allow_uncorrected_staleness=true"],
         environ={},
     )
-    assert spec.algorithm.max_staleness == 1 and spec.algorithm.rollout_correction.rollout_is is None
+    assert (
+        spec.algorithm.max_staleness == 1 and spec.algorithm.rollout_correction.rollout_is is None
+    )
