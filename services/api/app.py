@@ -219,7 +219,12 @@ def add_transition_route(app: FastAPI, action: str) -> None:
     target = ACTIONS[action][1]
 
     def handler(run_id: RunId, store: Store) -> RunState:
-        return store.act(run_id, action)
+        state = store.act(run_id, action)
+        if state.status == "stopping" and not learner_alive(store, run_id):
+            # only a learner finishes a stop (with a final checkpoint); with none alive
+            # (never started, or gone) the run would stay "stopping" forever
+            state = store.finish(run_id, "stopped", error="stopped with no learner running")
+        return state
 
     handler.__name__ = f"{action}_run"
     app.post(
@@ -228,6 +233,13 @@ def add_transition_route(app: FastAPI, action: str) -> None:
         dependencies=Authed,
         summary=f"{action.capitalize()} a run (sets status {target!r})",
     )(handler)
+
+
+def learner_alive(store: RunStore, run_id: str) -> bool:
+    """Whether a learner of ``run_id`` has a live heartbeat in the service registry."""
+    return any(
+        s["kind"] == "learner" and s.get("run_id") == run_id for s in live_services(store.client)
+    )
 
 
 def add_probe_routes(app: FastAPI) -> None:

@@ -208,13 +208,22 @@ def test_transitions_and_their_conflicts(http, idle, tmp_path):
     assert act("pause")["status"] == "paused"
     assert act("pause")["status"] == "paused"
     assert act("resume")["status"] == "running"
-    assert act("stop")["status"] == "stopping"
+    register_service(idle.client, "learner", "learner-0", {"run_id": run_id})  # one is alive
+    assert act("stop")["status"] == "stopping"  # it drains and writes a final checkpoint
     assert "is stopping" in act("pause", 409)["detail"]
     assert "cannot resume it" in act("resume", 409)["detail"]
     assert idle.state(run_id).status == "stopping"
     idle.set_status(run_id, "stopped")  # the learner drained and checkpointed
     for action in ("stop", "pause", "resume"):
         assert "is stopped" in act(action, 409)["detail"]
+
+
+def test_stop_finishes_a_run_whose_learner_never_started(http, idle, tmp_path):
+    run_id = start(http, tmp_path)["run_id"]  # no service of it is alive
+    stopped = http.post(f"/v1/runs/{run_id}/stop").json()
+    assert stopped["status"] == "stopped" and "no learner" in stopped["error"]
+    assert idle.active() == []  # a new run can start at once
+    assert http.post("/v1/runs", json=small_spec(tmp_path)).status_code == 201
 
 
 def race_stops_with_completion(http, store: RunStore, run_id: str) -> list[int]:
