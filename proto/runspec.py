@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from proto.vocab import (
     EngineName,
@@ -68,7 +76,13 @@ class ModelConfig(_Strict):
     tokenizer_path: str | None = None
     """Tokenizer directory; None means the model directory."""
     dtype: ModelDType = "float32"
-    """Parameter dtype the learner keeps its master weights in."""
+    """Parameter dtype the learner keeps its master weights (and optimizer state) in; the
+    compute dtype is ``actor.fsdp_config.mixed_precision.param_dtype``."""
+    enable_gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations during the learner's backward instead of
+    keeping them from the forward (verl's ``actor_rollout_ref.model.
+    enable_gradient_checkpointing``, which defaults to true): the activation memory of one
+    layer instead of all of them, for about one more forward of compute; same gradients."""
 
 
 class DataConfig(_Strict):
@@ -145,6 +159,30 @@ class OptimConfig(_Strict):
     """Global gradient-norm clip."""
 
 
+class MixedPrecisionConfig(_Strict):
+    """Compute dtype against master dtype (verl's ``actor.fsdp_config.mixed_precision``)."""
+
+    param_dtype: Literal["fp32", "float32", "bf16", "bfloat16"] = "fp32"
+    """Dtype the parameters are cast to for forward and backward. bf16: bf16 compute while
+    the master weights and the optimizer state stay in model.dtype (float32): a sharded
+    learner gathers each layer's parameters in bf16 (FSDP2 ``MixedPrecisionPolicy``), one
+    process runs under bf16 autocast. fp32: no cast, compute in model.dtype. verl defaults
+    to bf16; the default here keeps small CPU runs exact."""
+    reduce_dtype: Literal["fp32", "float32"] = "fp32"
+    """Dtype gradients are summed over ranks in: float32 only (a bf16 sum over ranks would
+    round away the updates of fp32 master weights)."""
+
+    @property
+    def compute_dtype(self) -> Literal["bfloat16"] | None:
+        """``bfloat16`` when parameters are cast for compute, else None (model.dtype)."""
+        return "bfloat16" if self.param_dtype in ("bf16", "bfloat16") else None
+
+
+class FSDPConfig(_Strict):
+    mixed_precision: MixedPrecisionConfig = Field(default_factory=MixedPrecisionConfig)
+    """bf16 compute with fp32 master weights, or full precision."""
+
+
 _REMOVED_ACTOR_FIELDS = {  # name -> what replaces it
     "recompute_old_log_prob": "recompute_old_log_prob: false is now "
     "algorithm.rollout_correction.bypass_mode: true (the rollout log-probs are the PPO "
@@ -184,7 +222,11 @@ class ActorConfig(_Strict):
     overlong_filter: bool = False
     """Mask truncated samples out of the loss (the paper's overlong filtering ablation)."""
     bf16_autocast: bool = False
-    """Run forward/backward under bf16 autocast."""
+    """Run forward/backward under bf16 autocast, the parameters staying in model.dtype (a
+    sharded learner then gathers them at full width); ``fsdp_config.mixed_precision.
+    param_dtype: bf16`` also casts the gathered parameters."""
+    fsdp_config: FSDPConfig = Field(default_factory=FSDPConfig)
+    """How the learner's model computes and is sharded (verl's ``actor.fsdp_config``)."""
     optim: OptimConfig = Field(default_factory=OptimConfig)
     """Optimizer settings."""
 
@@ -369,6 +411,29 @@ class TrainerConfig(_Strict):
     """Prompts dispatched but not yet scored (0 = 2 * train_batch_size)."""
     runs_dir: str = "runs"
     """Folder that holds one sub-folder per run."""
+    logger: list[Literal["console", "tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["console"], max_length=4
+    )
+    """Where per-step figures, the run spec and held-out evaluations go, besides
+    metrics.jsonl (verl's ``trainer.logger``); each backend but console needs the
+    ``tracking`` extra. A single name is taken as a list of one; no name twice."""
+    project_name: str = Field("dapo", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+    """Project (W&B) or experiment (MLflow) the run is filed under."""
+    experiment_name: str | None = Field(None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+    """The run's name in the trackers; None: the run id."""
+
+    @field_validator("logger", mode="before")
+    @classmethod
+    def _one_logger_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("logger")
+    @classmethod
+    def _no_logger_twice(cls, value: list[str]) -> list[str]:
+        twice = sorted({name for name in value if value.count(name) > 1})
+        if twice:
+            raise ValueError(f"logger names {', '.join(twice)} more than once")
+        return value
 
 
 class RunSpec(_Strict):

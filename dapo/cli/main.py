@@ -60,8 +60,22 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
     from dapo.cli.plots import plot_run
 
-    print(plot_run(Path(args.run_dir)))
+    out = Path(args.out) if args.out else None
+    print(plot_run(Path(args.run_dir), out, x=args.x, smooth=args.smooth))
     return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from dapo.cli.compare import main
+
+    return main(args.run_dirs, args.out, args.x, args.smooth, args.table)
+
+
+def _add_curve_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--x", choices=("step", "time"), default="step",
+                   help="x axis: training step, or wall time since training started")  # fmt: skip
+    p.add_argument("--smooth", type=float, default=0.9,
+                   help="EMA weight in [0, 1) of the smoothed curves (0 = raw only)")  # fmt: skip
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -128,7 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     plot = sub.add_parser("plot", help="re-render a run folder's curves (curves.png)")
     plot.add_argument("run_dir")
+    plot.add_argument("--out", "-o", default="", help="PNG to write (default RUN_DIR/curves.png)")
+    _add_curve_options(plot)
     plot.set_defaults(func=_cmd_plot)
+
+    cmp = sub.add_parser("compare", help="overlay runs on one PNG and tabulate final figures")
+    cmp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    cmp.add_argument("--out", "-o", default="compare.png", help="PNG to write")
+    cmp.add_argument("--table", default="", help="also write the Markdown table to this file")
+    _add_curve_options(cmp)
+    cmp.set_defaults(func=_cmd_compare)
 
     val = sub.add_parser("validate", help="validate a run spec and print it resolved")
     val.add_argument("--config", "-c", default=None)

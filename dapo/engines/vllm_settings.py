@@ -21,10 +21,16 @@ class VLLMSettings(BaseSettings):
     """Fraction of GPU memory for vLLM; 0 = 0.9 minus the weight-sync buffers."""
     max_model_len: int = Field(0, ge=0)
     """Context length; 0 = data.max_prompt_length + data.max_response_length."""
+    kv_cache_mb: float = Field(0.0, ge=0.0)
+    """KV cache size; 0 = from gpu_memory_utilization on a GPU, 256 MiB on a CPU."""
     enforce_eager: bool = False
-    """Disable CUDA graphs."""
+    """Disable CUDA graphs (always on a CPU)."""
     in_process: bool = True
-    """Run vLLM's engine core in this process (zero-copy weight loading with one GPU)."""
+    """Run vLLM's engine core in this process: weight updates between decode steps, and
+    zero-copy loading with one GPU. False: updates wait for the end of a generation."""
+    async_scheduling: bool = False
+    """vLLM's async scheduling (GPU): overlaps scheduling with the forward pass, but a batch
+    is then always in flight, so updates wait for the end of a generation."""
     load_chunk_mb: float = Field(256.0, gt=0.0)
     """Bytes per weight-loading call."""
     gate_timeout_s: float = Field(600.0, gt=0.0)

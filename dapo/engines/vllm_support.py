@@ -1,42 +1,34 @@
-"""The vLLM-free half of the vLLM rollout engine: pure functions and a thread gate.
+"""The vLLM-free half of the vLLM rollout engine: pure functions, the log of a
+generation's requests and a thread gate; ``dapo.engines.vllm`` wires them to vLLM 0.32.
 
-Everything here runs and is tested without vLLM (which needs a CUDA GPU);
-``vllm_engine`` wires it to ``vllm.LLM``. Targeted vLLM API: 0.30 (the
-``vllm`` extra pins ``>=0.28,<0.31``).
+Parameter names. The learner sends Hugging Face names. vLLM's ``load_weights`` of
+Qwen2/Llama-style models takes exactly those: it stacks q/k/v into ``qkv_proj`` and gate/up
+into ``gate_up_proj`` (the model's ``packed_modules_mapping``), shards and casts.
+``to_vllm_weights`` only removes the components training wrappers insert (``_orig_mod``
+of torch.compile, FSDP1's ``_fsdp_wrapped_module``, ``_checkpoint_wrapped_module``, DDP's
+leading ``module.``) and drops a tied ``lm_head.weight`` (vLLM shares the embedding).
+vLLM 0.32 reloads layer by layer and rebuilds a layer from whatever part of it it is
+given, so ``check_whole_layers`` refuses q_proj without k_proj and v_proj, gate_proj
+without up_proj. ``to_hf_weights`` maps vLLM's parameters back (fused ones split, padded
+vocabulary rows cut) to compare them bit for bit with the learner's.
 
-Parameter names. The learner sends Hugging Face names (``model.layers.0.
-self_attn.q_proj.weight``). vLLM's ``load_weights`` of Qwen2/Llama-style models
-accepts exactly those names: it stacks q/k/v into ``qkv_proj`` and gate/up into
-``gate_up_proj`` itself, shards for tensor parallelism and casts to its dtype.
-``to_vllm_weights`` therefore only removes wrapper components that training
-wrappers insert (``_orig_mod`` of torch.compile, ``_fsdp_wrapped_module`` /
-``_checkpoint_wrapped_module`` of FSDP1 and activation checkpointing, a leading
-``module.`` of DDP) and drops ``lm_head.weight`` when embeddings are tied
-(vLLM shares the embedding and would skip it anyway; not sending it saves
-vocab x hidden bytes per update).
+Log-probs (ours: log_softmax(logits / T) before top-p/top-k, see ``engine``). vLLM's
+``logprobs_mode`` is engine-wide: ``raw_logprobs`` (before temperature and truncation)
+equals ours at T == 1, any top-p/top-k, and for greedy decoding; ``processed_logprobs``
+(after temperature and truncation, renormalised over the kept tokens) equals ours when
+nothing is truncated, any T, and greedy. No mode gives T != 1 with truncation;
+``logprobs_exact`` names the combinations that match.
 
-Log-probs (see ``engine`` for ours: log_softmax(logits / T) before top-p/top-k).
-vLLM's ``logprobs_mode`` is an engine-wide option:
-  - ``raw_logprobs``: log_softmax of the raw logits, before temperature,
-    penalties and truncation. Equal to ours when T == 1 (any top-p/top-k) and
-    for greedy decoding (ours then uses T = 1 too).
-  - ``processed_logprobs``: log_softmax after temperature *and* top-k/top-p,
-    i.e. renormalised over the kept tokens. Equal to ours when nothing is
-    truncated (top_p == 1, top_k off), for any T; greedy too (vLLM's greedy
-    path returns the untempered log-probs).
-No mode gives "after temperature, before truncation" for T != 1 together with
-truncation; ``logprobs_exact`` names the combinations that match.
-
-Finish reasons. vLLM checks the length cap before the stop tokens, so a sample
-whose last allowed token is an EOS comes back as ``"length"``; ours calls it
-``"stop"`` (the EOS ended it). ``"abort"`` (or no reason: unfinished) is an
-error: such a sample has no valid length.
+Finish reasons. vLLM checks the length cap before the stop tokens, so a sample whose last
+allowed token is an EOS comes back as ``"length"``; ours calls it ``"stop"``. ``"abort"``
+(or none: unfinished) is an error: such a sample has no valid length.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+from collections import defaultdict
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -112,6 +104,67 @@ def meta_named_parameters(config: Any) -> list[NamedTensor]:
     return list(model.named_parameters())
 
 
+def _layer_of(name: str, fused: Mapping[str, str]) -> str:
+    """The vLLM module that holds HF parameter ``name`` (``fused``: q_proj -> qkv_proj, ...)."""
+    module = name.rpartition(".")[0]
+    head, _, last = module.rpartition(".")
+    last = fused.get(last, last)
+    return f"{head}.{last}" if head else last
+
+
+def check_whole_layers(
+    names: Iterable[str], all_names: Iterable[str], packed: Mapping[str, Sequence[str]]
+) -> None:
+    """Refuses an update that names part of a vLLM layer: vLLM rebuilds each layer it is
+    given anything of from what it is given (module doc). ``packed``: the model's
+    ``packed_modules_mapping`` (qkv_proj -> [q_proj, k_proj, v_proj], ...)."""
+    fused = {sub: whole for whole, subs in packed.items() for sub in subs}
+    members: dict[str, set[str]] = defaultdict(set)
+    for name in all_names:
+        members[_layer_of(name, fused)].add(name)
+    given = set(names)
+    for layer in sorted({_layer_of(name, fused) for name in given}):
+        if missing := sorted(members[layer] - given):
+            raise ValueError(
+                f"load_weights: vLLM reloads whole layers; {layer!r} also needs {missing}"
+            )
+
+
+def to_hf_weights(
+    named_tensors: Iterable[NamedTensor],
+    packed: Mapping[str, Sequence[str]],
+    output_sizes: Mapping[str, Sequence[int]],
+    shapes: Mapping[str, tuple[int, ...]],
+) -> list[NamedTensor]:
+    """vLLM's parameters (one unsharded copy) under the HF names of ``shapes``, in its order.
+
+    A fused parameter (``qkv_proj``, ``gate_up_proj``: the modules in ``packed``) is split
+    along dim 0 by its module's ``output_sizes``; rows beyond the HF shape (vLLM pads the
+    vocabulary) are cut. vLLM parameters with no HF name (a tied head) are left out.
+    """
+    found: dict[str, torch.Tensor] = {}
+    for name, tensor in named_tensors:
+        module, _, leaf = name.rpartition(".")
+        head, _, last = module.rpartition(".")
+        if last not in packed:
+            found[name] = tensor
+            continue
+        parts = tensor.split(list(output_sizes[module]), dim=0)
+        for sub, part in zip(packed[last], parts, strict=True):
+            found[f"{head}.{sub}.{leaf}"] = part
+    out = []
+    for name, shape in shapes.items():
+        if name not in found:
+            raise KeyError(f"vLLM holds no parameter for {name!r}")
+        tensor = found[name]
+        if tensor.shape[0] > shape[0] and tuple(tensor.shape[1:]) == tuple(shape[1:]):
+            tensor = tensor[: shape[0]]  # padded vocabulary rows
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"vLLM's {name!r} has shape {tuple(tensor.shape)}, HF {shape}")
+        out.append((name, tensor))
+    return out
+
+
 # ---------------------------------------------------------------- chunks and memory
 
 
@@ -173,25 +226,22 @@ def logprobs_exact(mode: LogprobsMode, params: SamplingParams) -> bool:
 
 @dataclass(frozen=True)
 class RequestPlan:
-    """One vLLM request: ``n`` samples of prompt ``prompt_index`` with ``seed``."""
+    """One vLLM request: one sample of prompt ``prompt_index``, drawn with ``seed``."""
 
     prompt_index: int
-    n: int
     seed: int | None
 
 
 def plan_requests(num_prompts: int, params: SamplingParams) -> list[RequestPlan]:
-    """Requests for one ``generate`` call, prompt-major.
+    """Requests for one ``generate`` call, prompt-major: G requests of one sample per prompt.
 
-    Without a seed, one request of n = G per prompt. With a seed, G requests
-    of n = 1 per prompt, sample j of prompt i seeded ``seed + i * G + j``: all
-    distinct and reproducible, whatever vLLM derives for the children of an
-    n > 1 request.
+    One sample per request, not one request of n = G: the engine follows each request's
+    tokens step by step (to place weight updates), and vLLM fans an n > 1 request out into
+    the same n requests anyway (the prefix cache shares the prompt). With a seed, sample j
+    of prompt i is seeded ``seed + i * G + j``: distinct and reproducible.
     """
-    if params.seed is None:
-        return [RequestPlan(i, params.n, None) for i in range(num_prompts)]
     return [
-        RequestPlan(i, 1, params.seed + i * params.n + j)
+        RequestPlan(i, None if params.seed is None else params.seed + i * params.n + j)
         for i in range(num_prompts)
         for j in range(params.n)
     ]
@@ -202,7 +252,7 @@ def vllm_sampling_kwargs(
 ) -> dict[str, Any]:
     """Keyword arguments of ``vllm.SamplingParams`` for one planned request."""
     return {
-        "n": plan.n,
+        "n": 1,
         "temperature": params.temperature,
         "top_p": params.top_p,
         "top_k": 0 if params.top_k == -1 else params.top_k,  # vLLM: 0 disables top-k
@@ -228,11 +278,13 @@ class RawSample:
 
     ``logprobs[t]`` is the sampled token's log-prob, or a {token_id: logprob}
     mapping holding it (vLLM may add top-ranked tokens); None = not returned.
+    ``weight_updates``: as ``Completion.weight_updates``.
     """
 
     token_ids: Sequence[int]
     logprobs: Sequence[float | Mapping[int, float]] | None
     finish_reason: str | None
+    weight_updates: tuple[tuple[int, int], ...] = ()
 
 
 def _sampled_logprobs(sample: RawSample) -> np.ndarray:
@@ -280,25 +332,67 @@ def to_completion(
         token_ids=tokens.astype(np.int32),
         logprobs=_sampled_logprobs(sample),
         finish_reason="stop" if ended_by_eos else "length",
+        weight_updates=sample.weight_updates,
     )
+
+
+class RequestLog:
+    """The requests of one ``generate`` call as vLLM steps them: tokens and log-probs as
+    they arrive (vLLM's DELTA outputs), finish reasons, and the weight updates taken
+    between steps, each at the token index every unfinished request had reached."""
+
+    def __init__(self, request_ids: Sequence[str]) -> None:
+        self.ids = list(request_ids)
+        self._row = {rid: i for i, rid in enumerate(self.ids)}
+        self._tokens: list[list[int]] = [[] for _ in self.ids]
+        self._logprobs: list[list | None] = [[] for _ in self.ids]
+        self._finish: list[str | None] = [None] * len(self.ids)
+        self._updates: list[list[tuple[int, int]]] = [[] for _ in self.ids]
+
+    def absorb(self, request_id: str, token_ids, logprobs, finish_reason: str | None) -> None:
+        """One step's new tokens of a request (``logprobs`` None: vLLM returned none)."""
+        row = self._row[request_id]
+        self._tokens[row].extend(int(t) for t in token_ids)
+        if logprobs is None or self._logprobs[row] is None:
+            self._logprobs[row] = None
+        else:
+            self._logprobs[row].extend(logprobs)
+        self._finish[row] = finish_reason
+
+    def record_update(self, version: int) -> None:
+        """New weights from the next token of every unfinished request on."""
+        for row, reason in enumerate(self._finish):
+            if reason is None:
+                self._updates[row].append((len(self._tokens[row]), version))
+
+    @property
+    def unfinished(self) -> list[str]:
+        return [rid for rid, reason in zip(self.ids, self._finish, strict=True) if reason is None]
+
+    def samples(self) -> list[RawSample]:
+        """One ``RawSample`` per request, in request order (updates past the end dropped)."""
+        return [
+            RawSample(tokens, lps, reason, tuple((i, v) for i, v in ups if i < len(tokens)))
+            for tokens, lps, reason, ups in zip(
+                self._tokens, self._logprobs, self._finish, self._updates, strict=True
+            )
+        ]
 
 
 def regroup(
     plans: Sequence[RequestPlan],
-    outputs: Sequence[Sequence[RawSample]],
+    samples: Sequence[RawSample],
     num_prompts: int,
     params: SamplingParams,
     eos_token_ids: Collection[int],
 ) -> list[list[Completion]]:
-    """Per prompt, its ``params.n`` completions, from the outputs of ``plan_requests`` requests."""
-    if len(outputs) != len(plans):
-        raise ValueError(f"{len(outputs)} request outputs for {len(plans)} requests")
+    """Per prompt, its ``params.n`` completions, from one sample per planned request."""
+    if len(samples) != len(plans):
+        raise ValueError(f"{len(samples)} samples for {len(plans)} requests")
     groups: list[list[Completion]] = [[] for _ in range(num_prompts)]
-    for plan, samples in zip(plans, outputs, strict=True):
-        if len(samples) != plan.n:
-            raise ValueError(f"prompt {plan.prompt_index}: {len(samples)} samples, asked {plan.n}")
-        groups[plan.prompt_index].extend(
-            to_completion(s, eos_token_ids, params.max_new_tokens) for s in samples
+    for plan, sample in zip(plans, samples, strict=True):
+        groups[plan.prompt_index].append(
+            to_completion(sample, eos_token_ids, params.max_new_tokens)
         )
     for i, group in enumerate(groups):
         if len(group) != params.n:

@@ -381,28 +381,16 @@ not busy. (redis-py's own default is 5 s, which a loaded host can exceed.)"""
 
 
 def connect(
-    url: str,
-    password: str | None = None,
-    username: str | None = None,
-    tls_ca: str | os.PathLike | None = None,
+    url: str, password: str | None = None, username: str | None = None, tls_ca=None
 ) -> redis.Redis:
-    """A client for ``url`` with health checks; bytes in, bytes out.
-
-    ``password`` (with ``username``, an ACL user) logs in without the secret being part of
-    the URL, which ends up in process listings and pod specs. A ``rediss://`` URL speaks TLS
-    and always verifies the server's certificate and name, against ``tls_ca`` when given
-    (else the system's CAs): Redis holds the addresses workers connect to, so a server
-    that cannot prove who it is must not be trusted.
-    """
-    options: dict = {}
-    if password is not None:
-        options["password"] = password
-        if username:
-            options["username"] = username
+    """A client for ``url`` with health checks; bytes in, bytes out. ``password`` (and an ACL
+    ``username``) log in without the secret in the URL, which process listings and pod specs
+    show. ``rediss://`` always verifies the server's certificate and name, against ``tls_ca``
+    when given: Redis holds the addresses workers connect to, so it must prove who it is."""
+    login = {"password": password, "username": username or None} if password is not None else {}
     if url.startswith("rediss://"):
-        options.update(ssl_cert_reqs="required", ssl_check_hostname=True)
-        if tls_ca is not None:
-            options["ssl_ca_certs"] = os.fspath(tls_ca)
+        tls = {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
+        login |= tls | ({"ssl_ca_certs": os.fspath(tls_ca)} if tls_ca is not None else {})
     elif tls_ca is not None:
         raise ValueError(f"a TLS CA is given but {url.split(':', 1)[0]}:// is not rediss://")
     return redis.Redis.from_url(
@@ -411,5 +399,5 @@ def connect(
         socket_keepalive=True,
         socket_timeout=SOCKET_TIMEOUT_S,
         socket_connect_timeout=10.0,
-        **options,
+        **login,
     )

@@ -1,10 +1,15 @@
 """Hugging Face-format checkpoints that also carry what an exact resume needs.
 
-``<run>/checkpoints/step_000012/`` holds ``model.safetensors`` + ``config.json``
-+ tokenizer files (loadable by plain ``AutoModelForCausalLM.from_pretrained``),
-plus ``trainer_state.json`` (step, policy version, training and optimizer step counts) and
-``optimizer.pt``. A checkpoint is written to a temporary folder and renamed
-into place, so a crash never leaves a half-written "newest" checkpoint.
+``<run>/checkpoints/step_000012/`` holds ``model.safetensors`` (or HF's sharded
+files and index) + ``config.json`` + tokenizer files (loadable by plain
+``AutoModelForCausalLM.from_pretrained``: evaluation and late-joining rollout workers
+read it), plus ``trainer_state.json`` (step, policy version, training and optimizer
+step counts) and the optimizer state. One process (this module) writes the plain files
+of ``save_pretrained`` and ``optimizer.pt``; a sharded learner writes the same HF
+files streamed one parameter at a time, and the model and optimizer shards as a DCP
+folder (``services.learner.distributed``). A checkpoint is written to a temporary
+folder and renamed into place, so a crash never leaves a half-written "newest"
+checkpoint.
 """
 
 from __future__ import annotations

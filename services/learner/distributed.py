@@ -2,16 +2,22 @@
 
 One start-up path serves every world size (``services.learner.main``): a
 plain process is a world of one (``SoloRanks``: no process group, collectives
-are identities), so the model is not sharded, the sender adopts its
-parameters and checkpoints carry a single ``optimizer.pt``.
+are identities), so the model is loaded plainly and not sharded, the sender
+adopts its parameters and checkpoints are plain files
+(``services.learner.checkpoint``).
 
 With ``WORLD_SIZE > 1`` (``GroupRanks``; backend NCCL on CUDA, gloo on CPU,
 same code):
 
-- every rank loads the model, then ``fully_shard`` wraps each decoder layer and
-  the root, so parameters, gradients and optimizer state are split over ranks.
-  Gradients are reduced as a *sum* (divide factor 1, plain SUM collectives:
-  gloo has no PREMUL_SUM), not a mean;
+- the model is built on the ``meta`` device, ``fully_shard`` wraps each decoder
+  layer and then the root, every rank materialises only its own shards and rank
+  0 alone reads the weight files and broadcasts them tensor by tensor
+  (``services.learner.model_init``), so no rank ever holds the whole model.
+  Parameters, gradients and optimizer state are split over ranks and stay in
+  ``model.dtype``; with bf16 mixed precision each layer's parameters are
+  gathered in bf16 for compute and gradients reduced in float32. Gradients are
+  reduced as a *sum* (divide factor 1, plain SUM collectives: gloo has no
+  PREMUL_SUM), not a mean;
 - rank 0 alone runs the service shell (health port, heartbeat, bus, weight
   sender, checkpoints, metrics). Its ``Policy`` (``services.learner.policy``)
   sends each command to the other ranks before doing its own part; they run
@@ -37,10 +43,16 @@ same code):
 - weights for rollout workers: ``full_params`` all-gathers each parameter
   (``DTensor.full_tensor``) and rank 0 hands them to a ``WeightSender`` built
   with ``share_storage=False`` on meta tensors (only the layout is needed);
-- checkpoints: rank 0 writes the HF model from the gathered full state dict,
-  the tokenizer and ``trainer_state.json`` (with ``world_size``); every rank
-  writes its optimizer shard as ``optimizer_rank{r}.pt``. Resuming needs the
-  same world size and is refused otherwise.
+- checkpoints (``save_sharded_checkpoint``): every rank writes its shards of the
+  model and of the optimizer state with torch distributed checkpoint (DCP,
+  ``training_state/``), straight from the live tensors; then a plain Hugging
+  Face copy is streamed to rank 0 one parameter at a time
+  (``services.learner.hf_export``), and rank 0 adds the tokenizer and
+  ``trainer_state.json`` (with ``world_size`` and ``format: dcp``). No rank holds
+  more than one full parameter. Resuming builds the empty sharded model and
+  loads model and optimizer state from DCP (``load_model_state``,
+  ``load_optimizer_state``), bit for bit; it needs the world size that wrote
+  the checkpoint and is refused otherwise (``check_resume_world``).
 """
 
 from __future__ import annotations
@@ -53,24 +65,36 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from services.learner.checkpoint import checkpoint_dir
+from services.learner.hf_export import export_hf
 from services.learner.ranks import Ranks
 from services.learner.seams import Tokenizer
 
+STATE_DIR = "training_state"
+"""DCP folder of a sharded checkpoint: model and optimizer shards of every rank."""
+FORMAT = "dcp"
 
-def shard_model(model: torch.nn.Module) -> torch.nn.Module:
-    """FSDP2 ``fully_shard`` on each decoder layer (HF ``_no_split_modules`` classes), then
-    on the root; gradients are summed over ranks (divide factor 1)."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
 
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers (HF ``_no_split_modules`` classes): FSDP and checkpoint units."""
     names = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
         raise ValueError(
             f"{type(model).__name__} declares no decoder-layer classes (_no_split_modules)"
         )
-    for layer in layers:
-        fully_shard(layer)
-    fully_shard(model)
+    return layers
+
+
+def shard_model(model: torch.nn.Module, mp_policy=None) -> torch.nn.Module:
+    """FSDP2 ``fully_shard`` on each decoder layer, then on the root, with the mixed
+    precision ``mp_policy`` (None: compute in the parameters' dtype); gradients are
+    summed over ranks (divide factor 1)."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    mp = mp_policy or MixedPrecisionPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
@@ -78,8 +102,19 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Frees the gathered parameters a no-grad forward leaves behind (the root keeps its
+    own gathered after forward, expecting a backward)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter unsharded, in ``named_parameters`` order (a collective: all ranks)."""
+    reshard(model)
     return {
         n: (p.full_tensor() if isinstance(p, DTensor) else p).detach()
         for n, p in model.named_parameters()
@@ -93,43 +128,6 @@ def meta_params(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     ]
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The full model state dict on CPU on rank 0 (empty elsewhere); a collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=opts)
-
-
-def local_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer state with this rank's shard of each DTensor as a plain tensor."""
-    sd = optimizer.state_dict()
-    sd["state"] = {
-        i: {k: v.to_local().cpu() if isinstance(v, DTensor) else v for k, v in s.items()}
-        for i, s in sd["state"].items()
-    }
-    return sd
-
-
-def load_local_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict) -> None:
-    """Inverse of ``local_optimizer_state``: shards become DTensors laid out like their param."""
-    optimizer.load_state_dict(sd)
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if not isinstance(p, DTensor):
-                continue
-            state = optimizer.state.get(p, {})
-            for k, v in state.items():
-                if isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and v.dim() > 0:
-                    state[k] = DTensor.from_local(
-                        v.to(p.device),
-                        p.device_mesh,
-                        p.placements,
-                        shape=p.shape,
-                        stride=p.stride(),
-                    )
-
-
 def save_sharded_checkpoint(
     ranks: Ranks,
     root: Path,
@@ -139,21 +137,30 @@ def save_sharded_checkpoint(
     trainer_state: dict,
     optimizer: torch.optim.Optimizer,
 ) -> Path:
-    """All ranks: HF model + tokenizer + trainer state from rank 0, one optimizer shard per
-    rank, written to a temporary folder that rank 0 renames into place."""
+    """All ranks: DCP shards of model and optimizer, then the streamed HF copy, tokenizer
+    and trainer state from rank 0, in a temporary folder that rank 0 renames into place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
     final = checkpoint_dir(root, step)
     tmp = root / f".tmp-{final.name}"
-    state = full_state_dict(model)
     if ranks.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     ranks.barrier()
-    torch.save(local_optimizer_state(optimizer), tmp / f"optimizer_rank{ranks.rank}.pt")
+    reshard(model)
+    if optimizer.state:  # no step yet: nothing to save (reading it would initialise it)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+    else:
+        state = {"model": get_model_state_dict(model)}
+    dcp.save(state, checkpoint_id=tmp / STATE_DIR)  # each rank its shards, no gather
+    del state
+    export_hf(model, tmp, is_writer=ranks.rank == 0)
     if ranks.rank == 0:
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        doc = {"step": step, **trainer_state, "world_size": ranks.world}
+        doc = {"step": step, **trainer_state, "world_size": ranks.world, "format": FORMAT}
         (tmp / "trainer_state.json").write_text(json.dumps(doc, indent=2))
     ranks.barrier()
     if ranks.rank == 0:
@@ -163,18 +170,55 @@ def save_sharded_checkpoint(
     return final
 
 
-def checkpoint_world_size(ckpt: Path, state: dict) -> int:
-    """World size a checkpoint was written with (1 for a single-process optimizer.pt)."""
+def checkpoint_world_size(state: dict) -> int:
+    """World size a checkpoint was written with (1 for a single-process checkpoint)."""
     return int(state.get("world_size", 1))
 
 
-def read_sharded_optimizer_state(ckpt: Path, state: dict, ranks: Ranks) -> dict:
-    """This rank's optimizer shard; the checkpoint must come from the same world size."""
-    saved = checkpoint_world_size(ckpt, state)
+def check_resume_world(ckpt: Path, state: dict, ranks: Ranks) -> None:
+    """Refuses a checkpoint written by another number of ranks, saying how to resume it."""
+    saved = checkpoint_world_size(state)
     if saved != ranks.world:
+        how = "one process (no torchrun)" if saved == 1 else f"torchrun --nproc_per_node={saved}"
         raise RuntimeError(
-            f"checkpoint {ckpt} was written by {saved} learner rank(s) but WORLD_SIZE is "
-            f"{ranks.world}: resume with --nproc_per_node={saved} (optimizer state is sharded)"
+            f"checkpoint {ckpt} was written by {saved} learner rank(s) but this learner has "
+            f"{ranks.world}: resume it with {how}, or start a new run from its model "
+            "(model.path: the checkpoint folder)"
         )
-    path = ckpt / f"optimizer_rank{ranks.rank}.pt"
-    return torch.load(path, map_location="cpu", weights_only=True)
+    if saved > 1 and state.get("format") != FORMAT:
+        raise RuntimeError(
+            f"checkpoint {ckpt} holds no DCP training state (written in the per-rank "
+            "optimizer_rank*.pt layout of an earlier version): start a new run from its "
+            "model (model.path: the checkpoint folder)"
+        )
+
+
+def load_model_state(ckpt: Path, model: torch.nn.Module) -> None:
+    """All ranks: this rank's model shards from the checkpoint's DCP state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        set_model_state_dict,
+    )
+
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=ckpt / STATE_DIR)
+    set_model_state_dict(model, state["model"])
+
+
+def load_optimizer_state(ckpt: Path, model: torch.nn.Module, optimizer) -> bool:
+    """All ranks: this rank's optimizer shards from the checkpoint's DCP state; False when
+    it holds none (saved before the first optimizer step)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    metadata = dcp.FileSystemReader(str(ckpt / STATE_DIR)).read_metadata()
+    if not any(k.startswith("optim.") for k in metadata.state_dict_metadata):
+        return False
+    state = {"optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=ckpt / STATE_DIR)
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    return True

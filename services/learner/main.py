@@ -21,11 +21,13 @@ import torch
 from pydantic import Field
 
 from dapo.data.models import load_tokenizer, pick_device
-from dapo.runtime.config import ServiceSettings
+from dapo.runtime.config import ConfigError, ServiceSettings
 from dapo.runtime.lease import Lease
 from dapo.runtime.service import ServiceContext, ServiceRuntime
+from dapo.tracking import Trackers, TrackerUnavailable, TrackingRun, open_trackers
 from dapo.weights.sender import WeightSender
 from proto.keys import run_key
+from proto.runspec import RunSpec
 from services.learner.checkpoint import newest_checkpoint
 from services.learner.distributed import meta_params
 from services.learner.policy import Policy, build_policy
@@ -107,6 +109,19 @@ def hold_learner_lease(rt: ServiceRuntime) -> Iterator[ServiceContext]:
         lease.release()
 
 
+@contextmanager
+def run_trackers(spec: RunSpec, run_id: str, run_dir: Path) -> Iterator[Trackers]:
+    """The dashboards of ``trainer.logger``, closed when the loop ends however it ends (W&B
+    and MLflow then mark the run finished). A missing package is a ``ConfigError`` naming
+    the extra; a backend that fails later only counts its failures."""
+    try:
+        trackers = open_trackers(spec.trainer.logger, TrackingRun.of(spec, run_id, run_dir))
+    except TrackerUnavailable as exc:
+        raise ConfigError(str(exc)) from None
+    with trackers:
+        yield trackers
+
+
 def lead(settings: LearnerSettings, ranks: Ranks) -> None:
     """Rank 0: the service shell, the weight sender and the learner loop. The other ranks
     (if any) learn the run from the "init" command and are released by "stop"."""
@@ -126,16 +141,18 @@ def lead(settings: LearnerSettings, ranks: Ranks) -> None:
                 log.info("resumed from %s: step %d, version %d", ckpt, step, policy.version)
             sender = open_sender(rt, policy, settings)
             try:
-                LearnerLoop(
-                    ctx,
-                    policy,
-                    tokenizer,
-                    sender,
-                    run_dir,
-                    step,
-                    keep_checkpoints=settings.keep_checkpoints,
-                    last_ckpt=ckpt,
-                ).run()
+                with run_trackers(spec, ctx.run_id, run_dir) as trackers:
+                    LearnerLoop(
+                        ctx,
+                        policy,
+                        tokenizer,
+                        sender,
+                        run_dir,
+                        step,
+                        keep_checkpoints=settings.keep_checkpoints,
+                        last_ckpt=ckpt,
+                        trackers=trackers,
+                    ).run()
             finally:
                 sender.close()
         ranks.send("stop")

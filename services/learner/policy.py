@@ -6,11 +6,14 @@ the other ranks, which run ``Policy.follow`` and join the collectives the
 command implies (see ``services.learner.distributed``). With one rank there is
 nobody to tell and the same calls just do the work.
 
-``build_policy`` is the one way any rank gets its policy: the model from the
-newest checkpoint (or the base model), sharded with FSDP2 only when the world
-has more than one rank, and the trainer and optimizer state that checkpoint
-holds: ``optimizer.pt`` for one rank, ``optimizer_rank{r}.pt`` per rank
-otherwise, so a checkpoint resumes only at the world size that wrote it.
+``build_policy`` is the one way any rank gets its policy: the model and the
+trainer, resumed from the newest checkpoint when there is one. One rank loads
+the model plainly (``from_pretrained``) and resumes from the checkpoint's plain
+files (HF model + ``optimizer.pt``). Several ranks build it sharded on ``meta``
+(``services.learner.model_init``): a fresh run loads the base model's weights
+from rank 0, a resumed one the model and optimizer shards of the checkpoint's
+DCP state (``services.learner.distributed``). A checkpoint resumes only at the
+world size that wrote it.
 """
 
 from __future__ import annotations
@@ -25,13 +28,13 @@ from proto.messages import TrainingBatch
 from proto.runspec import RunSpec
 from services.learner.checkpoint import read_optimizer_state, read_trainer_state, save_checkpoint
 from services.learner.distributed import (
-    checkpoint_world_size,
+    check_resume_world,
     full_params,
-    load_local_optimizer_state,
-    read_sharded_optimizer_state,
+    load_model_state,
+    load_optimizer_state,
     save_sharded_checkpoint,
-    shard_model,
 )
+from services.learner.model_init import load_plain, load_sharded
 from services.learner.ranks import Ranks
 from services.learner.seams import Tokenizer
 from services.learner.trainer import Trainer
@@ -100,34 +103,24 @@ def load_models(
 ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """The policy model (newest checkpoint, else the base model) and, with a KL loss, the
     frozen reference (always the base model), on this rank's device; FSDP2-sharded when
-    the world has more than one rank."""
-    from transformers import AutoModelForCausalLM
-
-    base = resolve_model_dir(spec.model, cache_dir)
-    dtype = getattr(torch, spec.model.dtype)
-
-    def load(source: Path, frozen: bool) -> torch.nn.Module:
-        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype).to(ranks.device)
-        if frozen:  # before sharding, so FSDP2 sees frozen parameters
-            model.eval().requires_grad_(False)
-        return shard_model(model) if ranks.world > 1 else model
-
-    model = load(ckpt or base, frozen=False)
-    ref = load(base, frozen=True) if spec.actor.use_kl_loss else None
+    the world has more than one rank, the base model's files then read by rank 0 only."""
+    if ranks.world == 1:
+        base = resolve_model_dir(spec.model, cache_dir)
+        model = load_plain(ckpt or base, spec, ranks.device, frozen=False)
+        ref = load_plain(base, spec, ranks.device, frozen=True) if spec.actor.use_kl_loss else None
+        return model, ref
+    base = resolve_model_dir(spec.model, cache_dir) if ranks.rank == 0 else None
+    if ckpt is None:
+        model = load_sharded(base, spec, ranks, frozen=False, weights=True)
+    else:  # the config of the checkpoint's HF copy, the weights of its DCP state
+        model = load_sharded(ckpt, spec, ranks, frozen=False, weights=False)
+        load_model_state(ckpt, model)
+    ref = (
+        load_sharded(base, spec, ranks, frozen=True, weights=True)
+        if spec.actor.use_kl_loss
+        else None
+    )
     return model, ref
-
-
-def read_rank_optimizer_state(ckpt: Path, state: dict, ranks: Ranks) -> dict | None:
-    """This rank's optimizer state in ``ckpt``; refused when another world size wrote it."""
-    if ranks.world > 1:
-        return read_sharded_optimizer_state(ckpt, state, ranks)
-    saved = checkpoint_world_size(ckpt, state)
-    if saved != 1:
-        raise RuntimeError(
-            f"checkpoint {ckpt} holds optimizer shards of {saved} ranks: "
-            f"resume with torchrun --nproc_per_node={saved}"
-        )
-    return read_optimizer_state(ckpt)
 
 
 def build_policy(
@@ -135,13 +128,17 @@ def build_policy(
 ) -> tuple[Policy, int]:
     """Every rank: its policy, resumed from ``ckpt`` when given, and the step to go on at."""
     torch.manual_seed(spec.data.seed)
+    state = None
+    if ckpt is not None:  # refused before anything is built
+        state = read_trainer_state(ckpt)
+        check_resume_world(ckpt, state, ranks)
     model, ref = load_models(spec, cache_dir, ckpt, ranks)
     trainer = Trainer(model, spec, ranks.device, pad_id, ref_model=ref, ranks=ranks)
-    if ckpt is None:
+    if ckpt is None or state is None:
         return Policy(trainer, ranks), 0
-    state = read_trainer_state(ckpt)
-    optimizer_state = read_rank_optimizer_state(ckpt, state, ranks)
-    if optimizer_state is not None:  # shards become DTensors laid out like their parameter
-        load_local_optimizer_state(trainer.optimizer, optimizer_state)
-    trainer.load_state(state, None)
+    if ranks.world > 1:
+        load_optimizer_state(ckpt, model, trainer.optimizer)
+        trainer.load_state(state, None)
+    else:
+        trainer.load_state(state, read_optimizer_state(ckpt))
     return Policy(trainer, ranks), int(state["step"])

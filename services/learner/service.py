@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dapo.runtime.service import ServiceContext
+from dapo.tracking import Trackers
 from dapo.transport.bus import Delivery
 from dapo.weights.registry import WeightSyncError
 from proto.messages import TrainingBatch, WeightVersion
@@ -50,6 +51,8 @@ class LearnerLoop:
     metrics: LearnerMetrics = field(init=False)
     held: list[Delivery] = field(default_factory=list)
     last_ckpt: Path | None = None
+    trackers: Trackers = field(default_factory=Trackers)
+    """Dashboards (``trainer.logger``) that get each step's figures; none by default."""
     _ckpt_step: int = -1
     _last_broadcast: int | None = None
     _published: int | None = None
@@ -173,6 +176,7 @@ class LearnerLoop:
         )  # fmt: skip
         with self.metrics_file.open("a") as f:
             f.write(json.dumps(figures) + "\n")
+        self.trackers.log_metrics(figures, self.step)
         log.info(
             "step %d  loss %.4f  reward %.3f  acc %.3f  kept %.2f  entropy %.3f  lag %.2f  v%d",
             self.step,

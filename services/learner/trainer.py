@@ -23,6 +23,13 @@ unless given). Over several ranks (an FSDP-sharded model under torchrun, see
 padded with zero-loss dummies so every rank runs the same collectives; the
 skip test, the gradient norm and the reported figures are global. In a world
 of one the sums over ranks are identities and the update is the plain one.
+
+Compute: log-probs come from ``services.learner.logprobs`` (the head run a chunk of
+positions at a time, never the whole response's vocabulary-sized logits). With
+``actor.fsdp_config.mixed_precision.param_dtype: bf16`` (or ``actor.bf16_autocast``) the
+forward and backward run under bf16 autocast; the parameters, their gradients and the
+optimizer state stay in ``model.dtype`` (a sharded model also gathers its parameters in
+bf16: ``services.learner.model_init``).
 """
 
 from __future__ import annotations
@@ -35,17 +42,12 @@ from dataclasses import dataclass, field
 import torch
 from torch.distributed.tensor import DTensor
 
-from dapo.algorithm.loss import (
-    SHARE_METRICS,
-    apply_overlong_filter,
-    loss_normalizer,
-    policy_loss,
-    token_log_probs,
-)
+from dapo.algorithm.loss import SHARE_METRICS, apply_overlong_filter, loss_normalizer, policy_loss
 from dapo.algorithm.off_policy import lag_metrics, mask_rows, rollout_correction, stale_rows
 from proto.messages import TrainingBatch
 from proto.runspec import RunSpec
 from services.learner.batching import PackedSamples, micro_batches, mini_batches, pack_batch
+from services.learner.logprobs import CHUNK, response_log_probs
 from services.learner.ranks import Ranks, SoloRanks, padded_share
 
 # figures already identical on every rank (not summed over ranks)
@@ -80,6 +82,8 @@ class Trainer:
     training_steps: int = 0
     ref_model: torch.nn.Module | None = None
     ranks: Ranks = field(default_factory=SoloRanks)
+    logprob_chunk: int = CHUNK
+    """Response positions per head chunk (``services.learner.logprobs``)."""
     optimizer: torch.optim.Optimizer = field(init=False)
 
     def __post_init__(self) -> None:
@@ -94,22 +98,32 @@ class Trainer:
             g["lr"] = lr
         return lr
 
+    @property
+    def bf16_compute(self) -> bool:
+        """Whether forward and backward run in bf16 (the parameters staying in model.dtype)."""
+        actor = self.spec.actor
+        return actor.bf16_autocast or actor.fsdp_config.mixed_precision.compute_dtype is not None
+
     def _autocast(self):
-        if not self.spec.actor.bf16_autocast:
+        if not self.bf16_compute:
             return nullcontext()
         return torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16)
 
-    def forward_logp(self, model, mb: PackedSamples, with_logits: bool = False):
-        """Response log-probs (B, T) at the rollout temperature, and the logits if asked."""
+    def forward_logp(self, model, mb: PackedSamples, with_entropy: bool = False):
+        """Response log-probs (B, T) at the rollout temperature and, if asked, the entropies
+        (B, T), with a gradient only for an entropy bonus."""
         with self._autocast():
-            out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask)
-        rows = torch.arange(len(mb), device=mb.input_ids.device)[:, None]
-        logits = out.logits[rows, mb.resp_pos]  # (B, T, V)
-        if logits.dtype in (torch.bfloat16, torch.float16):
-            logits = logits.float()  # softmax statistics in full precision
-        logits = logits / self.spec.rollout.temperature
-        logp = token_log_probs(logits, mb.resp_ids)
-        return (logp, logits) if with_logits else (logp, None)
+            return response_log_probs(
+                model,
+                mb.input_ids,
+                mb.attention_mask,
+                mb.resp_pos,
+                mb.resp_ids,
+                temperature=self.spec.rollout.temperature,
+                chunk=self.logprob_chunk,
+                with_entropy=with_entropy,
+                entropy_grad=self.spec.actor.entropy_coeff > 0,
+            )
 
     def _share(self, mbs: list[torch.Tensor]) -> list[tuple[torch.Tensor, bool]]:
         """(rows, is_dummy) of the micro-batches this rank runs: dealt round-robin over ranks
@@ -131,7 +145,7 @@ class Trainer:
     def _logp_dtype(self) -> torch.dtype:
         """Log-prob dtype of a forward: float32 under autocast or for half weights."""
         dtype = next(self.model.parameters()).dtype
-        if self.spec.actor.bf16_autocast or dtype in (torch.bfloat16, torch.float16):
+        if self.bf16_compute or dtype in (torch.bfloat16, torch.float16):
             return torch.float32
         return dtype
 
@@ -217,7 +231,7 @@ class Trainer:
         old, is_weights, ref = fixed
         mb = packed.select(mrows).to(self.device)
         t = mb.mask.shape[1]
-        logp, logits = self.forward_logp(self.model, mb, with_logits=True)
+        logp, entropy = self.forward_logp(self.model, mb, with_entropy=True)
         if dummy:  # same collectives as the other ranks, zero gradient
             (logp * 0.0).sum().backward()
             return 0.0
@@ -234,7 +248,7 @@ class Trainer:
             normalizer=normalizer,
             is_weights=rows_of(is_weights),
             logp_ref=rows_of(ref),
-            logits=logits,
+            entropy=entropy,
         )
         loss.backward()
         tokens = float(mb.mask.sum())

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from pydantic import Field, field_validator
 
-from dapo.data.models import pick_device, resolve_model_dir
+from dapo.data.models import load_tokenizer, pick_device, resolve_model_dir
 from dapo.engines.vllm_settings import VLLMSettings
 from dapo.runtime.config import ServiceSettings
 from dapo.runtime.service import ServiceRuntime
@@ -75,21 +75,24 @@ def start_weights(rt: ServiceRuntime, model_dir: Path) -> tuple[Path, int]:
 
 
 def build_engine(rt: ServiceRuntime, settings: RolloutSettings, device: str):
+    """The run's rollout engine and the version of the weights it starts with. vLLM (on a
+    GPU, or its CPU build) is imported only when the run asks for it; ``max_batch_rows``
+    caps the rows decoded together in either engine."""
     spec = rt.ctx.spec
     model_dir = resolve_model_dir(spec.model, settings.cache_dir)
     start_dir, version = start_weights(rt, model_dir)
+    rows = settings.max_batch_rows or None
+    tokenizer = load_tokenizer(spec.model, settings.cache_dir)  # local files only
     if spec.rollout.engine == "vllm":
-        from dapo.engines.vllm import build_vllm_engine  # GPU pods only
+        from dapo.engines.vllm import build_vllm_engine
 
-        return build_vllm_engine(spec, model_dir, start_dir, settings.vllm), version
-    from transformers import AutoTokenizer
-
+        engine = build_vllm_engine(
+            spec, model_dir, start_dir, tokenizer, settings.vllm, max_num_seqs=rows
+        )
+        return engine, version
     from dapo.engines.hf import HFEngine
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    engine = HFEngine(
-        str(start_dir), tokenizer, device=device, max_batch_size=settings.max_batch_rows or None
-    )
+    engine = HFEngine(str(start_dir), tokenizer, device=device, max_batch_size=rows)
     return engine, version
 
 

@@ -17,7 +17,7 @@ import redis
 from dapo.cli.client import ApiError, DapoClient
 from dapo.cli.client_cli import add_client_commands
 from dapo.runtime.config import load_run_spec
-from dapo.runtime.runs import RunStore
+from dapo.runtime.runs import RunStore, register_service
 from services.api.app import create_app
 from services.api.settings import ApiSettings
 from tests.servers import serve_in_thread
@@ -74,6 +74,7 @@ def test_client_lifecycle_calls(api, store, config_file):
     assert detail["status"] == "running" and detail["account"]["dispatched"] == 0
     assert api.pause(run_id)["status"] == "paused"
     assert api.resume(run_id)["status"] == "running"
+    register_service(store.client, "learner", "learner-0", {"run_id": run_id})  # one is alive
     assert api.stop(run_id)["status"] == "stopping"
     with pytest.raises(ApiError) as err:
         api.resume(run_id)
@@ -141,6 +142,7 @@ def test_cli_commands(base_url, store, config_file, capsys, monkeypatch):
     assert run_id in [r["run_id"] for r in json.loads(capsys.readouterr().out)]
     assert _dapo(["status", run_id]) == 0
     assert json.loads(capsys.readouterr().out)["account"]["in_flight"] == 0
+    register_service(store.client, "learner", "learner-0", {"run_id": run_id})  # one is alive
     for command, expected in [("pause", "paused"), ("resume", "running"), ("stop", "stopping")]:
         assert _dapo([command, run_id]) == 0
         assert capsys.readouterr().out.split()[:2] == [run_id, expected]

@@ -1,15 +1,14 @@
-"""Tests of the vLLM-free parts of the vLLM engine, and (on a GPU with vLLM) the engine itself.
+"""Tests of the vLLM-free parts of the vLLM engine (the live engine: ``test_vllm_live``).
 
 Names are checked against real wrapped models (torch.compile, activation
 checkpointing, a DDP-style ``module`` attribute), chunking against the views of
-real ``FlatBuffers``, the generation gate with real threads. The last test needs a
-CUDA GPU and vLLM and is skipped (and deselected by the default ``-m``) here.
+real ``FlatBuffers``, the mapping back from vLLM's fused layout against a real model's
+tensors, the generation gate with real threads.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 import threading
 
@@ -26,9 +25,11 @@ from dapo.engines.vllm_support import (
     GenerationAborted,
     GenerationGate,
     RawSample,
+    RequestLog,
     RequestPlan,
     canonical_name,
     check_against_specs,
+    check_whole_layers,
     choose_logprobs_mode,
     chunk_by_bytes,
     logprobs_exact,
@@ -36,6 +37,7 @@ from dapo.engines.vllm_support import (
     plan_requests,
     regroup,
     to_completion,
+    to_hf_weights,
     to_vllm_weights,
     vllm_memory_fraction,
     vllm_sampling_kwargs,
@@ -145,6 +147,65 @@ def test_check_against_specs_names_the_bad_parameter() -> None:
         check_against_specs([("model.norm.weight", torch.zeros(31))], shapes)
 
 
+PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+
+def test_partial_layers_are_refused_whole_ones_pass() -> None:
+    names = [n for n, _ in meta_named_parameters(_config())]
+    check_whole_layers(names, names, PACKED)  # everything
+    attn = [n for n in names if n.startswith("model.layers.1.self_attn.") and "o_proj" not in n]
+    check_whole_layers(attn + ["model.norm.weight"], names, PACKED)  # q, k, v with biases
+    with pytest.raises(ValueError, match=r"'model.layers.1.self_attn.qkv_proj' also needs"):
+        check_whole_layers([n for n in attn if "k_proj" not in n], names, PACKED)
+    with pytest.raises(ValueError, match=r"mlp.gate_up_proj' also needs \['model.layers.0.mlp"):
+        check_whole_layers(["model.layers.0.mlp.gate_proj.weight"], names, PACKED)
+    check_whole_layers(["model.layers.0.mlp.down_proj.weight"], names, PACKED)
+
+
+def _vllm_layout(model: Qwen2ForCausalLM, pad_vocab: int) -> list[tuple[str, torch.Tensor]]:
+    """The model's parameters as vLLM holds them: q/k/v and gate/up stacked, the
+    vocabulary padded with ``pad_vocab`` rows."""
+    sd = dict(model.named_parameters())
+    out = []
+    for name, tensor in sd.items():
+        if ".k_proj." in name or ".v_proj." in name or ".up_proj." in name:
+            continue
+        if ".q_proj." in name:
+            parts = [sd[name.replace("q_proj", x)] for x in ("q_proj", "k_proj", "v_proj")]
+            out.append((name.replace("q_proj", "qkv_proj"), torch.cat(parts)))
+        elif ".gate_proj." in name:
+            parts = [tensor, sd[name.replace("gate_proj", "up_proj")]]
+            out.append((name.replace("gate_proj", "gate_up_proj"), torch.cat(parts)))
+        elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+            out.append((name, torch.cat([tensor, torch.ones(pad_vocab, tensor.shape[1])])))
+        else:
+            out.append((name, tensor))
+    return out
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_vllm_layout_maps_back_to_the_hf_tensors(tied: bool) -> None:
+    model = _model(tied)
+    cfg = model.config
+    head = cfg.hidden_size // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * head, cfg.num_key_value_heads * head
+    sizes = {}
+    for i in range(cfg.num_hidden_layers):
+        sizes[f"model.layers.{i}.self_attn.qkv_proj"] = [q, kv, kv]
+        sizes[f"model.layers.{i}.mlp.gate_up_proj"] = [cfg.intermediate_size] * 2
+    shapes = {n: tuple(t.shape) for n, t in model.named_parameters()}
+    mapped = to_hf_weights(_vllm_layout(model, pad_vocab=7), PACKED, sizes, shapes)
+    assert [n for n, _ in mapped] == list(shapes)
+    for (_, got), (_, want) in zip(mapped, model.named_parameters(), strict=True):
+        assert torch.equal(got, want)
+    with pytest.raises(KeyError, match="no parameter for 'model.norm.weight'"):
+        to_hf_weights([], PACKED, sizes, {"model.norm.weight": (32,)})
+    with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \(31,\)"):
+        to_hf_weights(
+            [("model.norm.weight", torch.zeros(31))], PACKED, sizes, {"model.norm.weight": (32,)}
+        )
+
+
 # ---------------------------------------------------------------- chunks and memory
 
 
@@ -214,26 +275,25 @@ def test_logprobs_mode_choice_and_exactness_table() -> None:
         assert logprobs_exact(mode, sp(temperature=0.0, top_p=0.5))  # greedy: untempered
 
 
-def test_plans_without_seed_use_one_request_of_n_per_prompt() -> None:
+def test_plans_are_one_request_per_sample_prompt_major() -> None:
     plans = plan_requests(3, SamplingParams(n=4))
-    assert plans == [RequestPlan(i, 4, None) for i in range(3)]
+    assert plans == [RequestPlan(i, None) for i in range(3) for _ in range(4)]
 
 
 def test_seeded_plans_give_every_sample_its_own_seed() -> None:
     plans = plan_requests(3, SamplingParams(n=4, seed=100))
     assert [p.prompt_index for p in plans] == [0] * 4 + [1] * 4 + [2] * 4
-    assert all(p.n == 1 for p in plans)
     assert [p.seed for p in plans] == list(range(100, 112))
 
 
 def test_vllm_sampling_kwargs() -> None:
     params = SamplingParams(n=4, temperature=0.8, top_p=0.9, top_k=-1, max_new_tokens=32)
-    kwargs = vllm_sampling_kwargs(params, RequestPlan(0, 4, None), eos_token_ids=(7, 2))
+    kwargs = vllm_sampling_kwargs(params, RequestPlan(0, None), eos_token_ids=(7, 2))
     assert kwargs == {
-        "n": 4, "temperature": 0.8, "top_p": 0.9, "top_k": 0, "max_tokens": 32, "seed": None,
+        "n": 1, "temperature": 0.8, "top_p": 0.9, "top_k": 0, "max_tokens": 32, "seed": None,
         "logprobs": 0, "stop_token_ids": [2, 7], "ignore_eos": False, "detokenize": False,
     }  # fmt: skip
-    assert vllm_sampling_kwargs(SamplingParams(top_k=5), RequestPlan(0, 1, 3), EOS)["top_k"] == 5
+    assert vllm_sampling_kwargs(SamplingParams(top_k=5), RequestPlan(0, 3), EOS)["top_k"] == 5
 
 
 # ---------------------------------------------------------------- outputs
@@ -295,19 +355,39 @@ def test_malformed_samples_raise(sample: RawSample, message: str) -> None:
 def test_regroup_collects_seeded_requests_per_prompt() -> None:
     params = SamplingParams(n=2, seed=0, max_new_tokens=4)
     plans = plan_requests(2, params)
-    outputs = [[RawSample([10 + k, 2], [-0.5, -float(k + 1)], "stop")] for k in range(4)]
-    groups = regroup(plans, outputs, 2, params, EOS)
+    samples = [RawSample([10 + k, 2], [-0.5, -float(k + 1)], "stop") for k in range(4)]
+    groups = regroup(plans, samples, 2, params, EOS)
     assert [[c.token_ids[0] for c in g] for g in groups] == [[10, 11], [12, 13]]
     assert groups[1][1].logprobs.tolist() == [-0.5, -4.0]
 
 
 def test_regroup_rejects_missing_samples() -> None:
     params = SamplingParams(n=2, max_new_tokens=4)
-    plans = plan_requests(1, params)
-    with pytest.raises(ValueError, match="prompt 0: 1 samples, asked 2"):
-        regroup(plans, [[RawSample([2], [-1.0], "stop")]], 1, params, EOS)
-    with pytest.raises(ValueError, match="1 request outputs for 2 requests"):
-        regroup(plan_requests(2, params), [[]], 2, params, EOS)
+    with pytest.raises(ValueError, match="1 samples for 2 requests"):
+        regroup(plan_requests(1, params), [RawSample([2], [-1.0], "stop")], 1, params, EOS)
+    plans = [RequestPlan(0, None), RequestPlan(0, None)]
+    with pytest.raises(ValueError, match="prompt 1: 0 completions, expected 2"):
+        regroup(plans, [RawSample([2], [-1.0], "stop")] * 2, 2, params, EOS)
+
+
+def test_request_log_places_updates_on_the_unfinished_requests() -> None:
+    log = RequestLog(["a", "b", "c"])
+    log.record_update(1)  # before the first step: token 0 of every request
+    log.absorb("a", [5], [{5: -1.0}], None)
+    log.absorb("b", [6], [{6: -0.5}], None)
+    log.absorb("c", [2], [{2: -0.25}], "stop")
+    log.record_update(2)  # a and b are at token 1; c is done
+    log.absorb("a", [7, 2], [{7: -1.0}, {2: -2.0}], "stop")
+    log.absorb("b", [8], [{8: -3.0}], None)
+    assert log.unfinished == ["b"]
+    log.absorb("b", [9], None, "length")
+    a, b, c = log.samples()
+    assert a == RawSample([5, 7, 2], [{5: -1.0}, {7: -1.0}, {2: -2.0}], "stop", ((0, 1), (1, 2)))
+    assert b.logprobs is None and b.token_ids == [6, 8, 9] and b.weight_updates == ((0, 1), (1, 2))
+    assert c.weight_updates == ((0, 1),)
+    completion = to_completion(a, EOS, 4)
+    assert completion.weight_updates == ((0, 1), (1, 2))
+    assert completion.version_segments(0) == ([1, 2], [0, 1])
 
 
 # ---------------------------------------------------------------- generation gate
@@ -524,63 +604,3 @@ def test_random_interleaving_never_overlaps_updates_and_generations() -> None:
         t.join(30)
     assert not any(t.is_alive() for t in threads)
     assert state["violations"] == 0 and state["updates"] > 0 and gate.active == 0
-
-
-# ---------------------------------------------------------------- the real engine (GPU)
-
-
-_MISSING = [
-    reason
-    for reason, missing in (
-        ("a CUDA GPU (vLLM has no CPU build)", not torch.cuda.is_available()),
-        ("vllm (pip install -e '.[vllm]')", importlib.util.find_spec("vllm") is None),
-    )
-    if missing
-]
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(bool(_MISSING), reason=f"the real vLLM engine needs {' and '.join(_MISSING)}")
-def test_vllm_engine_generates_and_loads_weights(tmp_path) -> None:
-    from dapo.engines.hf import HFEngine
-    from dapo.engines.vllm import VLLMEngine
-
-    config = Qwen2Config(
-        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=True, eos_token_id=list(EOS), initializer_range=0.2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    first, second = Qwen2ForCausalLM(config), Qwen2ForCausalLM(config)
-    first.save_pretrained(tmp_path)
-    engine = VLLMEngine(
-        tmp_path,
-        EOS,
-        dtype="float32",
-        gpu_memory_utilization=0.3,
-        max_model_len=128,
-        enforce_eager=True,
-    )
-    prompts = [[5, 6, 7, 8], [10, 11, 12]]
-    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=12, seed=3)
-
-    def assert_matches(model: Qwen2ForCausalLM) -> None:
-        groups = engine.generate(prompts, params)
-        reference = HFEngine(model.float(), EOS, device="cuda")
-        for prompt, group in zip(prompts, groups, strict=True):
-            assert len(group) == params.n
-            for c in group:
-                ids = torch.tensor([prompt + c.token_ids.tolist()], device="cuda")
-                with torch.no_grad():
-                    logits = reference.model(ids).logits[0, len(prompt) - 1 : -1].float()
-                expected = torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt) :, None])
-                got = torch.from_numpy(c.logprobs).to("cuda")
-                assert torch.allclose(got, expected[:, 0], atol=2e-3), (got, expected[:, 0])
-                assert (c.finish_reason == "stop") == (int(c.token_ids[-1]) in EOS)
-
-    assert_matches(first)
-    before = engine.weights_checksum()
-    engine.load_weights(list(second.named_parameters()))
-    assert engine.weights_checksum() != before
-    assert_matches(second)  # log-probs now follow the loaded weights, not the first ones
-    engine.close()

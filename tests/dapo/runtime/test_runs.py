@@ -14,7 +14,7 @@ from proto.runspec import RunSpec
 def store(request, redis_server):
     if request.param == "memory":
         return MemoryRunStore()
-    client = redis.Redis.from_url(redis_server.rsplit("/", 1)[0] + "/13")
+    client = redis.Redis.from_url(redis_server.rsplit("/", 1)[0] + "/14")  # its own database
     client.flushdb()
     return RunStore(client)
 

@@ -21,7 +21,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def db_url(redis_server) -> str:
-    return redis_server.rsplit("/", 1)[0] + "/12"
+    return redis_server.rsplit("/", 1)[0] + "/15"  # a database of its own
 
 
 @pytest.fixture(scope="module")
