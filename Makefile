@@ -11,8 +11,11 @@ help:
 	@echo "make run        train the default task end to end (embedded Redis + 4 services)"
 	@echo "make test       the test suite (CPU, real Redis, real processes)"
 	@echo "make test-slow  the long end-to-end checks"
+	@echo "make test-chaos a whole run under kill -9, Redis outages and poison (minutes)"
 	@echo "make bench      benchmarks -> .bench/results.json"
 	@echo "make lint|fmt   ruff, and the import contract (floors, independent services)"
+	@echo "make gpu-check  on a CUDA machine: gpu tests + GPU throughput -> .bench/gpu.json"
+	@echo "make check-gpu-image  pip resolves the GPU image's set to one torch/vLLM/CUDA"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
@@ -61,3 +64,23 @@ ablation: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .bench .cache
+
+# The chaos suite: one run as real processes while services and Redis are killed, Redis is
+# frozen and poison goes into every stream; prints its figures (tests/chaos/).
+.PHONY: test-chaos
+test-chaos: $(STAMP)
+	$(BIN)/pytest -q -s -m chaos $(ARGS)
+
+# On a machine with a CUDA GPU, a CUDA torch and this project's dependencies already installed
+# (and maybe no network): builds no .venv (it would install the CPU torch); GPU_PYTHON is any
+# python that has them. Under 8 minutes; see bench/gpu_check.py.
+GPU_PYTHON ?= python3
+.PHONY: gpu-check
+gpu-check:
+	PYTHONPATH=. $(GPU_PYTHON) bench/gpu_check.py $(ARGS)
+
+# pip's resolver on docker/Dockerfile.gpu's requirement set for the image's platform: one
+# torch, one vLLM, one flashinfer, one CUDA major (needs the package index; minutes).
+.PHONY: check-gpu-image
+check-gpu-image: $(STAMP)
+	$(BIN)/python docker/check_gpu_image.py $(ARGS)

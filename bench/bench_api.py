@@ -30,7 +30,7 @@ from proto.keys import run_key
 RATE_PER_S = 200
 DURATION_S = 5.0
 WARMUP = 50
-TOKEN = "bench-token"
+TOKEN = "bench-api-token-3c8e"
 REPO = Path(__file__).resolve().parent.parent
 
 

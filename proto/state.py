@@ -16,6 +16,16 @@ from proto.lifecycle import RunStatus
 from proto.messages import SCHEMA_VERSION
 
 
+class StartupFailure(BaseModel):
+    """Start-ups of one kind of service that failed in a row, and the last one's reason."""
+
+    model_config = ConfigDict(extra="forbid")
+    count: int = Field(ge=1)
+    """Failed start-ups since one of this kind last reached its loop."""
+    error: str = Field(max_length=4000)
+    """Why the last one failed (the service, its worker id and the error)."""
+
+
 class RunState(BaseModel):
     """The run's lifecycle record."""
 
@@ -36,6 +46,8 @@ class RunState(BaseModel):
     """Times each service process (by worker id) was restarted after dying."""
     final_checkpoint: str | None = None
     """Checkpoint the learner wrote when the run ended, once it has."""
+    startup_failures: dict[str, StartupFailure] = Field(default_factory=dict)
+    """Service kinds whose latest start-ups failed (``RunStore.record_startup_failure``)."""
 
 
 class StepReport(BaseModel):
@@ -67,6 +79,7 @@ ACCOUNT_FIELDS = (
     "filtered_all_correct",
     "filtered_all_wrong",
     "dropped_stale",
+    "dead",
     "batches",
     "scored_since_batch",
 )
@@ -75,9 +88,10 @@ ACCOUNT_FIELDS = (
 
 def account_from_counters(raw: Mapping) -> dict[str, int]:
     """The account from its hash (bytes or str keys), plus ``in_flight`` = dispatched -
-    trained - filtered - stale: prompts dispatched and not yet resolved."""
+    trained - filtered - stale - dead (dead-lettered): prompts dispatched and not yet
+    resolved."""
     acc = {f: 0 for f in ACCOUNT_FIELDS}
     acc.update({(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()})
     resolved = acc["trained"] + acc["filtered_all_correct"] + acc["filtered_all_wrong"]
-    acc["in_flight"] = acc["dispatched"] - resolved - acc["dropped_stale"]
+    acc["in_flight"] = acc["dispatched"] - resolved - acc["dropped_stale"] - acc["dead"]
     return acc

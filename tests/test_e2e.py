@@ -117,6 +117,13 @@ def test_learner_killed_mid_run_resumes_without_losing_a_batch(model_dir, tmp_pa
     assert last_ckpt == 12 and store.state(run_id).policy_version == 12
 
 
+def wait_for_log(path, text: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not (path.is_file() and text in path.read_text()):
+        assert time.monotonic() < deadline, f"{path.name} never said {text!r}"
+        time.sleep(0.2)
+
+
 def newest_checkpoint_step(ckpts) -> int:
     """The step of the newest finished checkpoint in ``ckpts``, -1 when there is none."""
     if not ckpts.is_dir():
@@ -199,8 +206,14 @@ def test_a_second_learner_for_the_run_waits_and_trains_nothing(model_dir, tmp_pa
         trainer={"total_training_steps": 4, "save_freq": 2, "runs_dir": str(runs)},
     )
     store, stack = start_run(redis_url, spec, rollout_workers=1)
+    # paused, so the run cannot end before the second learner has met the first one's lease
+    store.act(stack.run_id, "pause")
+    first = next(p for p in stack.procs if p.kind == "learner")
+    wait_for_log(first.log_path, "taken")
     second = stack.start("learner", 1)  # a second replica by mistake, under another name
     try:
+        wait_for_log(second.log_path, "waiting for it")
+        store.act(stack.run_id, "resume")
         assert wait_status(store, stack, stack.run_id, {"completed", "failed"}) == "completed"
         second.popen.wait(timeout=60)  # the run ended while it waited: it leaves
     finally:

@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_client_commands(sub)
 
+    from dapo.cli.plan import add_plan_command  # standard library only: stays fast
+
+    add_plan_command(sub)
+
     plot = sub.add_parser("plot", help="re-render a run folder's curves (curves.png)")
     plot.add_argument("run_dir")
     plot.add_argument("--out", "-o", default="", help="PNG to write (default RUN_DIR/curves.png)")

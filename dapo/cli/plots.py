@@ -76,9 +76,18 @@ class RunData:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    """Every line of ``path``; a torn last line (a writer killed mid-write, no newline yet)
+    is left out, a bad line anywhere else is an error."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            lines.pop()
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -207,6 +207,15 @@ class ServiceSettings(BaseSettings):
     """Torch/worker threads (0 = library default)."""
     cache_dir: str = ""
     """Where the embedded default task is built and cached ("" = the repository's .cache/)."""
+    redis_outage_max_s: float = Field(300.0, gt=0, le=86400)
+    """Longest Redis outage a service waits out (/readyz 503) before it exits non-zero so
+    that it is restarted (DAPO_REDIS_OUTAGE_MAX_S)."""
+    redis_retry_max_s: float = Field(5.0, gt=0, le=60)
+    """Cap on the back-off between tries to reach Redis during an outage; it starts at
+    0.1 s and doubles (DAPO_REDIS_RETRY_MAX_S)."""
+    startup_failure_limit: int = Field(3, ge=1, le=100)
+    """Start-ups of one kind of service in a row that may fail before the run is marked
+    failed; errors no restart can fix fail it at once (DAPO_STARTUP_FAILURE_LIMIT)."""
 
     @model_validator(mode="after")
     def _redis_login_is_consistent(self) -> ServiceSettings:

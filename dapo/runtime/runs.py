@@ -124,6 +124,39 @@ class _Lifecycle:
 
         return self._compare_and_set(run_id, change)
 
+    def record_startup_failure(self, run_id: str, kind: str, error: str, limit: int) -> RunState:
+        """Count a failed start-up of a ``kind`` service; the ``limit``-th in a row fails the
+        run with ``error`` (``limit`` 1: at once). Counted per kind, not per process: a
+        restarted process has a new worker id, and a kind that cannot start stops the run
+        whichever of its replicas tries. An ended run is left as it is."""
+        error = error[:4000]
+
+        def change(state: RunState) -> dict | None:
+            if state.status not in ACTIVE:
+                return None
+            before = state.startup_failures.get(kind)
+            count = (before.count if before else 0) + 1
+            failures = {**state.startup_failures, kind: {"count": count, "error": error}}
+            fields: dict = {"startup_failures": failures}
+            if count >= limit:
+                times = f" ({count} start-ups in a row)" if limit > 1 else ""
+                fields |= {"status": "failed", "error": f"{error}{times}"[:4000]}
+            return fields
+
+        return self._compare_and_set(run_id, change)
+
+    def clear_startup_failures(self, run_id: str, kind: str) -> RunState:
+        """A ``kind`` service reached its loop: its earlier failed start-ups are history."""
+
+        def change(state: RunState) -> dict | None:
+            if kind not in state.startup_failures:
+                return None
+            return {
+                "startup_failures": {k: v for k, v in state.startup_failures.items() if k != kind}
+            }
+
+        return self._compare_and_set(run_id, change)
+
     def list(self) -> list[RunState]:
         raise NotImplementedError
 

@@ -26,6 +26,18 @@ The contract:
   ``max_deliveries`` times goes to ``dapo:{run}:dead`` with its original
   fields and the reason, is acknowledged, and is counted; the consumer
   carries on with the other entries of the same read.
+- **Rejects**: a message decoded fine whose handling fails for a reason of its
+  own (not of the infrastructure: ``INFRASTRUCTURE_ERRORS``) is dead-lettered
+  alone with ``reject`` (``handle_each`` does it per message), and the others of
+  the read go on.
+- **The account**: a dead-lettered prompt of the run (a prompt task, rollout
+  group or scored group whose group id ``<run>-<seq>`` the sampler dispatched:
+  ``seq`` below the account's ``dispatched``) is counted once as ``dead`` in the
+  run's account, which frees its in-flight slot: dispatched = trained +
+  filtered + stale + dead + in flight.
+- **Keep-alive**: a consumer working long on its deliveries ``touch``es them so
+  they stay idle less than ``claim_idle_ms`` and are not taken over (and done
+  twice) by another consumer.
 - **Broadcast streams** (``versions``): ``read`` follows a stream without a
   group, every reader sees every entry; an entry it cannot decode is copied
   to the dead letters (once per reader) and skipped.
@@ -35,13 +47,20 @@ The contract:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, Field
+from redis.exceptions import RedisError
 
 from proto.messages import Message
+
+log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
 
@@ -49,6 +68,10 @@ STATS = "stats"
 """Counter hash of the bus itself: ``dead.<stream>`` per source stream."""
 DEAD_FIELD_BYTES = 64 << 10
 """How much of each original field a dead letter keeps."""
+ACCOUNT = "account"
+"""The run's account hash (``proto.state.ACCOUNT_FIELDS``); dead-lettered prompts count there."""
+PROMPT_STREAMS = ("prompts", "rollouts", "scored")
+"""Streams whose every message stands for one dispatched prompt (by its group id)."""
 
 
 class BusSettings(BaseModel):
@@ -136,6 +159,17 @@ class Bus(Protocol):
 
     def ack(self, delivery: Delivery) -> None: ...
 
+    def reject(self, delivery: Delivery, reason: str) -> None:
+        """Handling this message failed for a reason of its own: dead-letter it now (its
+        original fields and ``reason`` kept, counted; a prompt of the run also in the
+        account) and acknowledge it."""
+        ...
+
+    def touch(self, deliveries: Sequence[Delivery]) -> None:
+        """Still working on these: reset their idle time so no other consumer reclaims them.
+        Entries no longer pending (acknowledged, or taken over meanwhile) are left alone."""
+        ...
+
     def ack_many(self, deliveries: Sequence[Delivery]) -> None: ...
 
     def nack(self, delivery: Delivery, reason: str) -> None:
@@ -207,3 +241,76 @@ def dead_letter_record(
         if len(raw) > DEAD_FIELD_BYTES:
             record[f"size.{key[:200]}"] = str(len(raw))
     return record
+
+
+INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
+    RedisError,
+    OSError,
+    MemoryError,
+    FencedOut,
+)
+"""Failures of the machinery, not of a message: they end the process (which resumes from
+Redis), never dead-letter what was being handled."""
+
+
+def dead_prompt(run_id: str, stream: str, msg: Message | None) -> str | None:
+    """The group id ``msg`` stands for when it is a prompt the run's sampler dispatched
+    (``<run_id>-<seq>`` on a prompt stream), else None: a foreign or forged entry is
+    dead-lettered but never counted in the account."""
+    if stream not in PROMPT_STREAMS or msg is None:
+        return None
+    group_id = getattr(msg, "group_id", None)
+    if getattr(msg, "run_id", None) != run_id or not isinstance(group_id, str):
+        return None
+    return group_id if re.fullmatch(re.escape(run_id) + r"-\d+", group_id) else None
+
+
+def handle_each(
+    bus: Bus,
+    deliveries: Sequence[Delivery[M]],
+    handle: Callable[[Delivery[M]], None],
+    fatal: tuple[type[BaseException], ...] = (),
+) -> int:
+    """``handle`` each delivery on its own: one that raises a non-infrastructure error (not
+    ``INFRASTRUCTURE_ERRORS`` nor ``fatal``) is rejected alone and the others go on.
+    Returns how many were rejected."""
+    rejected = 0
+    for d in deliveries:
+        try:
+            handle(d)
+        except INFRASTRUCTURE_ERRORS + fatal:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- whatever a hostile message provokes
+            reject_with_log(bus, d, exc)
+            rejected += 1
+    return rejected
+
+
+def reject_with_log(bus: Bus, d: Delivery, exc: BaseException) -> None:
+    reason = f"{type(exc).__name__}: {exc}"
+    log.error("rejecting %s entry %s: %s", d.stream, d.entry_id, reason[:500])
+    bus.reject(d, reason)
+
+
+@contextmanager
+def keep_alive(bus: Bus, deliveries: Sequence[Delivery], every_s: float) -> Iterator[None]:
+    """While the block runs, ``touch`` ``deliveries`` every ``every_s`` seconds from a helper
+    thread, so however long the work takes no other consumer reclaims (and redoes) it. A
+    failed touch is logged, not raised: the work goes on, at worst done twice (harmless,
+    every publish is idempotent)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            try:
+                bus.touch(deliveries)
+            except Exception as exc:  # noqa: BLE001 -- a keep-alive must not kill the work
+                log.warning("could not touch %d entries: %s", len(deliveries), exc)
+
+    thread = threading.Thread(target=beat, name="bus-keep-alive", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

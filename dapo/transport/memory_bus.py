@@ -19,12 +19,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from dapo.transport.bus import (
+    ACCOUNT,
     STATS,
     BusSettings,
     Delivery,
     GroupLag,
     M,
     dead_letter_record,
+    dead_prompt,
     id_tuple,
 )
 from proto.codec import DecodeError, decode, encode
@@ -206,7 +208,11 @@ class MemoryBus:
                 reason = f"delivered {deliveries} times (max {self.settings.max_deliveries})"
                 if (stream, s) in self.broker.errors:
                     reason += f"; last error: {self.broker.errors.pop((stream, s))}"
-                self._dead_letter(stream, group, s, fields, reason, ack=True)
+                try:
+                    msg = decode(fields, cls)
+                except DecodeError:
+                    msg = None
+                self._dead_letter(stream, group, s, fields, reason, ack=True, msg=msg)
                 continue
             try:
                 msg = decode(fields, cls)
@@ -216,12 +222,37 @@ class MemoryBus:
             out.append(Delivery(stream, group, f"{s}-0", msg, deliveries))
         return out
 
-    def _dead_letter(self, stream, group, seq: int, fields, reason: str, ack: bool) -> None:
+    def _dead_letter(self, stream, group, seq: int, fields, reason: str, ack: bool, msg=None):
+        """As ``RedisBus.dead_letter``: nothing when the entry is no longer pending."""
+        if ack and self.broker.groups[(stream, group)].pending.pop(seq, None) is None:
+            return
         self.dead.append(dead_letter_record(stream, group, f"{seq}-0", fields, reason))
         stats = self.broker.counters.setdefault(STATS, {})
         stats[f"dead.{stream}"] = stats.get(f"dead.{stream}", 0) + 1
-        if ack:
-            self.broker.groups[(stream, group)].pending.pop(seq, None)
+        prompt = dead_prompt(self.run_id, stream, msg)
+        account = self.broker.counters.setdefault(ACCOUNT, {})
+        dispatched = account.get("dispatched", 0)
+        if prompt is not None and ("dead", prompt) not in self.broker.seen:
+            if int(prompt.rsplit("-", 1)[1]) < dispatched:
+                self.broker.seen.add(("dead", prompt))
+                account["dead"] = account.get("dead", 0) + 1
+
+    def reject(self, delivery: Delivery, reason: str) -> None:
+        with self._lock:
+            seq = id_tuple(delivery.entry_id)[0]
+            fields = self.streams.get(delivery.stream, {}).get(seq, {})
+            self._dead_letter(
+                delivery.stream, delivery.group, seq, fields, reason, True, delivery.message
+            )
+
+    def touch(self, deliveries: Sequence[Delivery]) -> None:
+        with self._lock:
+            now = self.clock()
+            for d in deliveries:
+                g = self.broker.groups.get((d.stream, d.group))
+                p = g.pending.get(id_tuple(d.entry_id)[0]) if g is not None else None
+                if p is not None and (d.stream, d.group, p.consumer) in self._own:
+                    p.delivered_at = now
 
     def ack(self, delivery: Delivery) -> None:
         self.ack_many([delivery])

@@ -20,12 +20,13 @@ from dapo.transport.bus import (
     BusSettings,
     Delivery,
     Fence,
+    FencedOut,
     GroupLag,
     M,
     check_fence,
-    dead_letter_record,
     id_tuple,
 )
+from dapo.transport.redis_dead import RedisDeadLetters
 from proto.codec import DecodeError, decode, encode
 from proto.keys import check_run_id, run_key
 from proto.messages import STREAM_MESSAGES, Message
@@ -43,7 +44,7 @@ class _ConsumerState:
 
 
 @dataclass
-class RedisBus:
+class RedisBus(RedisDeadLetters):
     """``Bus`` over Redis streams (see the module docstring for the guarantees)."""
 
     client: redis.Redis
@@ -217,7 +218,7 @@ class RedisBus:
         raw: list = []
         if state.own_from is not None:
             own = self._entries(
-                self.client.xreadgroup(group, consumer, {key: state.own_from}, count=count),
+                self._read_group(group, consumer, key, state.own_from, count),
                 keep_deleted=True,
             )
             state.own_from = _s(own[-1][0]) if len(own) == count else None
@@ -233,11 +234,31 @@ class RedisBus:
                 log.warning("reclaimed %d idle entries of %s/%s", len(raw), stream, group)
         redelivered = bool(raw)
         if not raw:
-            raw = self._entries(
-                self.client.xreadgroup(group, consumer, {key: ">"}, count=count, block=block_ms)
-            )
+            raw = self._entries(self._read_group(group, consumer, key, ">", count, block_ms))
         counts = self._delivery_counts(key, group, consumer, raw) if redelivered else {}
         return self._decode_all(stream, group, raw, counts, expected)
+
+    def _read_group(self, group, consumer, key, start, count, block_ms=None):
+        """XREADGROUP; for a fenced client only while the lease is still ours, checked in the
+        same atomic step (a script cannot block, so ``block_ms`` is waited out by polling).
+        Without it a learner that lost its lease could still take a batch into the pending
+        list that its successor, reading as the same consumer, has already re-read."""
+        if self.fence is None:
+            return self.client.xreadgroup(group, consumer, {key: start}, count=count,
+                                          block=block_ms)  # fmt: skip
+        deadline = time.monotonic() + (block_ms or 0) / 1000
+        while True:
+            try:
+                resp = self.client.eval(_FENCED_READ, 2, key, self.fence[0], self.fence[1],
+                                        group, consumer, count, start)  # fmt: skip
+            except redis.ResponseError as exc:
+                if "FENCED" in str(exc):
+                    raise FencedOut(f"lease {self.fence[0]} is no longer held") from None
+                raise
+            entries = [(e[0], _pairs(e[1])) for _, batch in resp or [] for e in batch]
+            if entries or time.monotonic() >= deadline:
+                return [[key, entries]] if entries else []
+            time.sleep(min(0.05, max(deadline - time.monotonic(), 0.0)))
 
     @staticmethod
     def _entries(resp, keep_deleted: bool = False) -> list:
@@ -268,7 +289,7 @@ class RedisBus:
                 reason = f"delivered {deliveries} times (max {self.settings.max_deliveries})"
                 if last:
                     reason += f"; last error: {_s(last)}"
-                self.dead_letter(stream, group, entry_id, fields, reason)
+                self.dead_letter(stream, group, entry_id, fields, reason, _try_decode(fields, cls))
                 continue
             try:
                 msg = decode(fields, cls)
@@ -277,18 +298,6 @@ class RedisBus:
                 continue
             out.append(Delivery(stream, group, _s(entry_id), msg, deliveries))
         return out
-
-    def dead_letter(self, stream: str, group: str, entry_id, fields: dict, reason: str) -> None:
-        """Move an entry to the dead-letter stream (original fields kept) and ack it."""
-        entry = _s(entry_id)
-        log.error("dead-lettering %s entry %s: %s", stream, entry, reason)
-        pipe = self.client.pipeline(transaction=True)
-        record = dead_letter_record(stream, group, entry, fields, reason)
-        pipe.xadd(self.dead_key, record, maxlen=self.settings.maxlen, approximate=True)
-        pipe.xack(self.key(stream), group, entry_id)
-        pipe.hincrby(self.counter_key(STATS), f"dead.{stream}", 1)
-        pipe.hdel(run_key(self.run_id, "last_error"), entry)
-        pipe.execute()
 
     def read(self, stream: str, after: str = "0-0") -> tuple[str, list[Message]]:
         """Entries of a broadcast stream after ``after``, and the id to read after next time.
@@ -302,11 +311,7 @@ class RedisBus:
                 out.append(decode(fields, STREAM_MESSAGES[stream]))
             except DecodeError as exc:
                 log.error("skipping %s entry %s: %s", stream, after, exc)
-                pipe = self.client.pipeline(transaction=True)
-                record = dead_letter_record(stream, "", after, fields, str(exc))
-                pipe.xadd(self.dead_key, record, maxlen=self.settings.maxlen, approximate=True)
-                pipe.hincrby(self.counter_key(STATS), f"dead.{stream}", 1)
-                pipe.execute()
+                self.dead_letter(stream, "", raw_id, fields, str(exc))
         return after, out
 
     def counters(self, counter: str) -> dict[str, int]:
@@ -364,6 +369,31 @@ class RedisBus:
                     need = min(need, id_tuple(oldest))
             floor = need if floor is None else min(floor, need)
         return int(self.client.xtrim(key, minid=f"{floor[0]}-{floor[1]}"))
+
+
+_FENCED_READ = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return redis.error_reply('FENCED lease moved on')
+end
+return redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[4],
+                  'STREAMS', KEYS[1], ARGV[5])
+"""
+"""A fenced XREADGROUP: KEYS stream, lease; ARGV lease value, group, consumer, count, id."""
+
+
+def _pairs(flat) -> dict:
+    """[f1, v1, f2, v2, ...] (a script's reply) -> {f1: v1, ...}; a deleted entry's None
+    stays None, as XREADGROUP reports it."""
+    if flat is None:
+        return None
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _try_decode(fields, cls) -> Message | None:
+    try:
+        return decode(fields, cls)
+    except DecodeError:
+        return None
 
 
 def _b(x) -> bytes:

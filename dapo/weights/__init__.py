@@ -23,8 +23,8 @@ Redis keys, all under `run_key(run_id, "weights")` = `dapo:{<run_id>}:weights:`
                   heartbeat thread every liveness_s / 3; expiry = presumed dead.
   inbox:{w}       list; the learner pushes wake-up tokens so a worker blocked
                   in `poll` reacts at once (tokens carry no data).
-  acks:{inc}:{u}  list; workers push json {worker_id, fingerprint} to take
-                  part in update u.
+  acks:{inc}:{u}  list; workers push json {worker_id, fingerprint, session} to
+                  take part in update u (session: fresh per worker process).
   expected        hash version -> checksum of the learner's buffers (last 64).
   reports         hash worker_id -> json {version, checksum, time}.
   latest          hash {version, checkpoint_dir}: the newest checkpoint.
@@ -46,17 +46,21 @@ generation, between generation batches, or while idle):
   3. the learner collects acks until every live worker answered or
      `join_timeout_s` passed; members = the ackers, sorted (rank = index + 1);
   4. if members differ from the current generation's (a join, a leave, a
-     failure), generation += 1; the learner writes the plan and wakes the
+     failure, or a worker restarted under the same id: another session),
+     generation += 1; the learner writes the plan and wakes the
      ackers; workers named in the plan build the new group if its
      (incarnation, generation) is new to them; a worker left out returns None;
-  5. the learner packs bucket by bucket, starting each bucket's broadcast as
-     soon as it is packed, computes the checksum while the bytes are in flight
-     and publishes it in `expected`; workers receive, call `load_fn` with
-     views of their buffers, and report version + checksum.
+  5. the learner fills bucket by bucket in the wire dtype (from its flat
+     buffers, or streamed through a few staging buffers: `dapo.weights.stream`),
+     starting each bucket's broadcast as soon as it is filled, at most a few on
+     the wire, computes the checksum while the bytes are in flight and
+     publishes it in `expected`; workers receive (whole, or streamed bucket by
+     bucket), call `load_fn` with views, and report version + checksum.
 
 Failures. Building a group and the transfer of one broadcast are each bounded
 by the collective timeout, `timeout_s` plus the model's bytes at a minimum
-bandwidth (`dapo.weights.sender` says why); a member that died, hangs or
+bandwidth, and each bucket by its own timeout scaled to its bytes
+(`dapo.weights.sender` says why); a member that died, hangs or
 crawls makes the learner's `broadcast` raise `WeightSyncError` within about
 that time, and the generation is abandoned: the next update forms a new one
 from whoever acks. A worker whose collective fails raises `WeightSyncError`

@@ -41,7 +41,9 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import cached_property
@@ -265,6 +267,21 @@ class FlatBuffers:
         for index in range(len(self.tensors)):
             self.pack_bucket(index, tensors, cast)
 
+    def fill(self, pairs) -> None:
+        """Copies (and casts) each (name, tensor) of a one-pass stream into its slot as it comes
+        (a gathered tensor may live only until the next one); every slot must come."""
+        missing = set(self._views)
+        for name, tensor in pairs:
+            if name not in missing:
+                raise KeyError(f"parameter {name!r} is not in the layout or came twice")
+            slot = self.layout.slots[name]
+            if tuple(tensor.shape) != slot.shape:
+                self._checked(slot, tensor)
+            self._views[name].copy_(tensor.detach())
+            missing.discard(name)
+        if missing:
+            raise KeyError(f"parameters of the layout were not given: {sorted(missing)[:5]}")
+
     def adopt(self, named: NamedTensors) -> None:
         """Moves each parameter's storage into its slot (`param.data = view`).
 
@@ -280,14 +297,29 @@ class FlatBuffers:
         return buffer_checksum(self.tensors)
 
 
+class RowDigest:
+    """``buffer_checksum`` fed one bucket at a time (same result for the same buckets in the
+    same order), so neither side needs the whole model in one place to checksum it."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.blake2b(digest_size=16)
+
+    def update(self, flat: torch.Tensor) -> None:
+        """`flat`: one bucket's (numel,) tensor, its bytes a multiple of `ROW_BYTES`."""
+        words = flat.view(torch.uint8).view(torch.int64).view(-1, ROW_WORDS)  # (R, ROW_WORDS)
+        row_sums = words.sum(dim=1)  # (R,) int64, wraps modulo 2**64
+        self._digest.update(f"{flat.dtype}:{flat.numel()};".encode())
+        self._digest.update(row_sums.cpu().numpy().tobytes())
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
 def buffer_checksum(tensors: Sequence[torch.Tensor]) -> str:
     """Checksum of flat buffers whose byte sizes are multiples of `ROW_BYTES` (see module doc)."""
-    digest = hashlib.blake2b(digest_size=16)
+    digest = RowDigest()
     for tensor in tensors:
-        words = tensor.view(torch.uint8).view(torch.int64).view(-1, ROW_WORDS)  # (R, ROW_WORDS)
-        row_sums = words.sum(dim=1)  # (R,) int64, wraps modulo 2**64
-        digest.update(f"{tensor.dtype}:{tensor.numel()};".encode())
-        digest.update(row_sums.cpu().numpy().tobytes())
+        digest.update(tensor)
     return digest.hexdigest()
 
 
@@ -307,6 +339,27 @@ def _gloo_device(host: str | None):
     return dist.ProcessGroupGloo.create_device(hostname=host)
 
 
+NCCL_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+NCCL_CLEANUP_ONLY = "2"
+"""On a timed-out or failed collective, abort the communicators and raise in ``wait``; torch's
+default (3) tears the whole process down, which for the learner means every FSDP rank."""
+
+
+@contextmanager
+def _nccl_cleanup_only() -> Iterator[None]:
+    """Weight-sync NCCL groups are built with ``CleanUpOnly`` error handling; the variable is
+    read when a group is constructed, so the learner's own FSDP group keeps its setting."""
+    before = os.environ.get(NCCL_ERROR_HANDLING)
+    os.environ[NCCL_ERROR_HANDLING] = NCCL_CLEANUP_ONLY
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(NCCL_ERROR_HANDLING, None)
+        else:
+            os.environ[NCCL_ERROR_HANDLING] = before
+
+
 def make_group(
     store, rank: int, size: int, device: torch.device, timeout: timedelta, host: str | None
 ):
@@ -316,7 +369,8 @@ def make_group(
             raise RuntimeError("weights live on CUDA but this torch build has no NCCL")
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
-        return dist.ProcessGroupNCCL(store, rank, size, options)
+        with _nccl_cleanup_only():
+            return dist.ProcessGroupNCCL(store, rank, size, options)
     options = dist.ProcessGroupGloo._Options()
     options._timeout = timeout
     options._devices = [_gloo_device(host)]
@@ -333,6 +387,8 @@ def start_broadcast(group, tensor: torch.Tensor, timeout: timedelta):
 
 
 def drop_group(group, device: torch.device) -> None:
-    """Releases a group that is being abandoned."""
+    """Releases a group that is being abandoned: NCCL communicators are aborted (a member
+    that died leaves the others' kernels waiting); a gloo group is dropped, its pending ops
+    having failed or timed out."""
     if group is not None and device.type == "cuda":
         group.abort()  # NCCL communicators of a failed generation must not linger

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
+import redis
 import torch
 import torch.distributed as dist
 
@@ -16,6 +19,7 @@ from dapo.weights.buckets import (
     BucketLayout,
     FlatBuffers,
     NamedTensors,
+    RowDigest,
     drop_group,
     is_loopback,
     make_group,
@@ -31,6 +35,9 @@ from dapo.weights.registry import (
     check_sync_address,
     needs_checkpoint,
 )
+from dapo.weights.stream import StagingPool, receive_buckets, stage_buckets
+
+log = logging.getLogger(__name__)
 
 
 class WeightReceiver:
@@ -47,6 +54,12 @@ class WeightReceiver:
     address read from Redis must be one of `allowed_hosts` (`check_sync_address`; empty =
     loopback only) and a checkpoint announced there must lie under `checkpoint_root`
     (`check_checkpoint_dir`), else `AddressRefused`: Redis is not trusted to steer workers.
+
+    `stream`: hold `depth` bucket buffers instead of a whole model in the wire dtype, and
+    call `load_fn` once per update with a one-pass iterator whose views are valid only
+    until it moves to the next bucket (`stream.receive_buckets`), so `load_fn` must copy
+    each tensor as it reads it (``HFEngine.load_weights`` does; an engine that collects
+    the whole list first, like vLLM's layer-wise reload, needs `stream=False`).
     """
 
     def __init__(
@@ -63,6 +76,8 @@ class WeightReceiver:
         version: int = -1,
         allowed_hosts: Sequence[str] = (),
         checkpoint_root: str | os.PathLike | None = None,
+        stream: bool = False,
+        depth: int = 2,
     ) -> None:
         self.redis, self.keys, self.run_id = redis_client, WeightKeys(run_id), run_id
         self.worker_id, self.device, self.host = worker_id, torch.device(device), host
@@ -70,9 +85,13 @@ class WeightReceiver:
         self.liveness_s, self.version = liveness_s, version
         self.allowed_hosts, self.checkpoint_root = tuple(allowed_hosts), checkpoint_root
         self.layout: BucketLayout | None = params if isinstance(params, BucketLayout) else None
-        self.buffers: FlatBuffers | None = None
+        self.stream, self.depth = stream, depth
+        self.buffers: FlatBuffers | None = None  # whole-model buffers (stream=False)
+        self.pool: StagingPool | None = None  # a few bucket buffers (stream=True)
         self._rendezvous: dict[str, str] = {}
         self._seen: tuple[str, int] | None = None  # last (incarnation, update) acked
+        # this process's identity: a restart under the same worker id is a new member
+        self.session = uuid.uuid4().hex[:12]
         self._group, self._group_id, self._store, self._store_id = None, None, None, None
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
@@ -112,8 +131,11 @@ class WeightReceiver:
                 f"({self.layout.summary()}) differs from the learner's {fields['fingerprint']} "
                 f"({fields['summary']})"
             )
-        if self.buffers is None:
-            self.buffers = FlatBuffers(self.layout, self.device)
+        if self.buffers is None and self.pool is None:
+            if self.stream:
+                self.pool = StagingPool(self.layout, self.device)
+            else:
+                self.buffers = FlatBuffers(self.layout, self.device)
         self._rendezvous = fields
 
     def _register(self) -> None:
@@ -124,8 +146,18 @@ class WeightReceiver:
         pipe.execute()
 
     def _beat(self) -> None:
+        """Keeps this worker live; a Redis outage skips beats (logged once) instead of ending
+        the thread, which would leave the worker out of every later update."""
+        failing = False
         while not self._stop.wait(self.liveness_s / 3):
-            self._register()
+            try:
+                self._register()
+            except redis.RedisError as exc:
+                if not failing:
+                    log.warning("weights heartbeat failed (will keep trying): %s", exc)
+                failing = True
+            else:
+                failing = False
 
     def poll(self, timeout_s: float = 0.0) -> int | None:
         """Takes part in a pending update, if any: returns the new version, else None.
@@ -137,7 +169,7 @@ class WeightReceiver:
         forms a new generation) and `LayoutMismatchError` if the learner now
         runs another model.
         """
-        if self.buffers is None:
+        if self.layout is None or (self.buffers is None and self.pool is None):
             raise RuntimeError("WeightReceiver.poll before join()")
         deadline = time.monotonic() + timeout_s
         while True:
@@ -158,26 +190,51 @@ class WeightReceiver:
         """Steps 2, 4 and 5 of the protocol for one update."""
         self.redis.delete(self.keys.inbox(self.worker_id))
         ack_key = self.keys.acks(incarnation, update)
-        ack = {"worker_id": self.worker_id, "fingerprint": self.layout.fingerprint}
+        ack = {
+            "worker_id": self.worker_id,
+            "fingerprint": self.layout.fingerprint,
+            "session": self.session,
+        }
         self.redis.pipeline().rpush(ack_key, json.dumps(ack)).expire(ack_key, KEY_TTL_S).execute()
         plan = self._await_plan(incarnation, update)
         if plan is None or self.worker_id not in plan["members"]:
             return None  # too late for this update; the next one includes us
         try:
             self._ensure_group(plan)
-            timeout = self._collective_timeout()
-            works = [start_broadcast(self._group, f, timeout) for f in self.buffers.byte_views]
-            for work in works:
-                work.wait(timeout)  # per bucket: never shorter than the learner's whole wait
+            checksum = self._receive(self._collective_timeout())
         except RuntimeError as error:
             self._leave_group()
+            if self.pool is not None:  # a failed op may still hold a buffer: never reuse them
+                self.pool = StagingPool(self.layout, self.device)
             raise WeightSyncError(
                 f"worker {self.worker_id!r}: receiving version {version} in generation "
                 f"{plan['generation']} failed; generation abandoned: {error}"
             ) from error
-        self.load_fn(self.buffers.views())
-        self._report(version)
+        self._report(version, checksum)
         return version
+
+    def _receive(self, timeout: timedelta) -> str:
+        """Step 5: the buckets into `load_fn`, whole (one call with views of the full buffers)
+        or streamed (one call with a one-pass stream of views, `depth` buckets ahead); the
+        checksum of what arrived. Waits on each bucket as long as the learner may take for
+        the whole model, never less."""
+        if not self.stream:
+            works = [start_broadcast(self._group, f, timeout) for f in self.buffers.byte_views]
+            for work in works:
+                work.wait(timeout)
+            self.load_fn(self.buffers.views())
+            return self.buffers.checksum()
+        digest = RowDigest()
+        views = receive_buckets(
+            self.layout, self._group, self.pool, lambda _: timeout, digest, self.depth
+        )
+        try:
+            self.load_fn(views)
+            for _ in views:  # buckets load_fn left unread must still be received
+                pass
+        finally:
+            views.close()
+        return digest.hexdigest()
 
     def _timeout(self) -> timedelta:
         return timedelta(seconds=float(self._rendezvous["timeout_s"]))
@@ -240,13 +297,26 @@ class WeightReceiver:
         drop_group(self._group, self.device)
         self._group, self._group_id = None, None
 
-    def _report(self, version: int | None = None) -> None:
-        """Publishes version + checksum (of the engine's tensors when `state_fn` is set)."""
+    def _report(self, version: int | None = None, received: str | None = None) -> None:
+        """Publishes version + checksum: of the engine's tensors when `state_fn` is set (cast
+        to the layout's dtypes, bucket by bucket), else `received`."""
+        checksum = received
         if self.state_fn is not None:
-            self.buffers.pack(self.state_fn(), cast=True)  # buffers are free until the next update
+            checksum = self._engine_checksum()
         self.version = self.version if version is None else version
-        report = {"version": self.version, "checksum": self.buffers.checksum(), "time": time.time()}
+        report = {"version": self.version, "checksum": checksum, "time": time.time()}
         self.redis.hset(self.keys.reports, self.worker_id, json.dumps(report))
+
+    def _engine_checksum(self) -> str:
+        state = dict(self.state_fn())
+        if not self.stream:  # the buffers are free until the next update
+            self.buffers.pack(state, cast=True)
+            return self.buffers.checksum()
+        digest = RowDigest()
+        for _, flat in stage_buckets(self.layout, state, self.pool):
+            digest.update(flat)
+            self.pool.release(flat)
+        return digest.hexdigest()
 
     @property
     def group(self):
@@ -263,7 +333,7 @@ class WeightReceiver:
         Reported with a checksum if `state_fn` is set, else without one.
         """
         self.version = version
-        if self.state_fn is not None and self.buffers is not None:
+        if self.state_fn is not None and self.layout is not None:
             self._report()
         else:
             report = {"version": version, "checksum": None, "time": time.time()}

@@ -1,5 +1,23 @@
 """Learner side of the weight sync: ``WeightSender`` (protocol in ``dapo.weights``).
 
+What a broadcast costs in memory. The layout is built in the wire dtype (``wire_dtype``,
+the rollout engine's, e.g. bf16 under fp32 master weights; floating parameters are cast as
+they are copied). With one rank, no cast and ``share_storage``, the parameters live in the
+flat buffers themselves (``FlatBuffers.adopt``): nothing is copied. Otherwise the weights
+stream (``dapo.weights.stream``): each bucket is filled from the source (a mapping, or an
+iterator that may gather one parameter at a time) into one of a few reusable staging
+buffers and broadcast while the next is filled; at most ``depth`` buckets are on the wire,
+and a bucket's buffer is reused once sent, so a broadcast holds ``depth`` buckets beyond
+the model (more only for a stream that comes out of layout order), never a model.
+
+Double buffering (``start``): the learner hands over version v and goes on training while
+v is on the wire. ``start`` snapshots the weights into the sender's own flat buffers (one
+model in the wire dtype, reused) and returns; a thread broadcasts the snapshot. At most
+one version is in flight: ``start`` of the next first waits for the previous one. The
+caller collects outcomes with ``finished`` (a version is announced only once it reached a
+worker). The learner's stall per broadcast is then the snapshot (plus any wait for the
+previous transfer) instead of the whole transfer.
+
 How long the learner waits. A broadcast must never hang the learner on a slow
 or dead worker, yet a 64 GB model over a modest link legitimately takes
 minutes. So it has three bounded stages:
@@ -8,47 +26,42 @@ minutes. So it has three bounded stages:
   decode steps acks within one step; one that does not (busy elsewhere, or an
   engine without in-flight updates) is left out and catches up at a later
   update, since every broadcast carries the full weights;
-- building a new group, and sending all buckets: each at most the collective
-  timeout, ``timeout_s + total_bytes / min_bandwidth``. One budget for the
-  whole model, growing with its bytes, rather than a fixed timeout per bucket:
-  a per-bucket timeout bounds a hung member but lets a crawling one (each
-  bucket just in time) hold the learner for buckets x timeout, and a single
-  fixed timeout would be wrong for either a 0.5B or a 32B model. The buckets
-  are waited on against one deadline.
+- building a new group: at most the collective timeout,
+  ``timeout_s + total_bytes / min_bandwidth``;
+- sending: each bucket at most its own timeout, ``bucket_timeout_s + bucket_bytes /
+  min_bandwidth`` (``stream.bucket_timeout_s``), set on the backend's op, so a dead or
+  hung member is noticed within about one bucket's allowance; and the whole model within
+  the collective timeout, so a crawling member (each bucket just in time) cannot hold the
+  learner for buckets x timeout.
 
 So ``broadcast`` returns or raises within about ``join_timeout_s`` + 2 x the
-collective timeout. The collective timeout is published in the rendezvous so
-workers wait as long as the learner does, not less.
+collective timeout. The timeouts are published in the rendezvous so workers wait as long
+as the learner does, not less. A failed generation is dropped (NCCL communicators aborted,
+``buckets.drop_group``) and the next update forms a new one from whoever acks; the learner
+stays alive.
 
-Where the store listens. torch's TCPStore binds every interface whatever host it is
-given, which exposes it on networks the learner never meant to serve (the store has no
-authentication). So the learner binds its own socket to ``(host, port)`` when ``host`` is an
-address of this machine and hands it to the store (``listen_socket``); only a host that is
-not (a NAT or load-balancer address) falls back to torch's every-interface listener.
+Where the store listens: ``dapo.weights.store``.
 """
 
 from __future__ import annotations
 
-import errno
 import json
-import logging
-import socket
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from dapo.weights.background import InFlight
 from dapo.weights.buckets import (
-    BucketLayout,
+    Bucket,
     FlatBuffers,
     NamedTensors,
     drop_group,
     make_group,
-    start_broadcast,
 )
 from dapo.weights.registry import (
     KEY_TTL_S,
@@ -59,45 +72,18 @@ from dapo.weights.registry import (
     publish_checkpoint,
     stale_or_mismatched_workers,
 )
+from dapo.weights.store import listen_socket, open_store
+from dapo.weights.stream import (
+    Source,
+    StagingPool,
+    bucket_timeout_s,
+    send_buckets,
+    stage_buckets,
+    wire_layout,
+)
 
 KEEP_EXPECTED = 64
-log = logging.getLogger(__name__)
-
-
-def listen_socket(host: str, port: int) -> socket.socket | None:
-    """A socket bound to ``(host, port)`` and listening, when ``host`` resolves to an address
-    of this machine; None when it does not resolve or is not local (module doc). A port in
-    use raises, as the store itself would."""
-    try:
-        candidates = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        return None
-    for family, kind, proto, _, address in candidates:
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-            sock.listen(socket.SOMAXCONN)
-            return sock
-        except OSError as exc:
-            sock.close()
-            if exc.errno != errno.EADDRNOTAVAIL:
-                raise
-    return None
-
-
-def open_store(host: str, port: int, timeout: timedelta) -> dist.TCPStore:
-    """The learner's TCPStore, listening on ``host`` only when that is a local address."""
-    sock = listen_socket(host, port)
-    if sock is None:
-        log.warning("weight-sync host %r is not an address of this machine: the store "
-                    "listens on every interface", host)  # fmt: skip
-        return dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=timeout)
-    bound_port, fd = sock.getsockname()[1], sock.detach()  # the store owns (and closes) it
-    return dist.TCPStore(
-        host, bound_port, is_master=True, wait_for_workers=False, timeout=timeout,
-        master_listen_fd=fd,
-    )  # fmt: skip
+__all__ = ["WeightSender", "SyncStats", "listen_socket", "open_store"]
 
 
 @dataclass(frozen=True)
@@ -115,6 +101,8 @@ class SyncStats:
     checksum_s: float
     broadcast_s: float
     total_s: float
+    staging_bytes: int = 0
+    """Most bytes of staging buffers held at once (0 when nothing was staged)."""
 
 
 def collective_timeout_s(timeout_s: float, nbytes: int, min_bandwidth_mb_s: float) -> float:
@@ -126,18 +114,19 @@ def collective_timeout_s(timeout_s: float, nbytes: int, min_bandwidth_mb_s: floa
 class WeightSender:
     """Learner side: owns the TCPStore, the generations and the source buffers.
 
-    `named_params`: (name, tensor) in the model's order; kept by reference, so
-    in-place updates are seen at each `broadcast`. With `share_storage` (the
-    default) each parameter's `.data` is moved into its slot of the flat
-    buffers (`FlatBuffers.adopt`): no pack copy and no second copy of the
-    weights in memory; optimizers keep working since the Parameter objects
-    stay the same. A tensor found elsewhere at broadcast time (re-created,
-    moved, or passed in `broadcast(named_params=...)`) is simply copied.
-    `join_timeout_s` (default `timeout_s`) bounds the wait for acks; a worker
-    leaving a failed collective can ack the next update only if it is at least
-    the collective timeout. The collective timeout (module doc) is `timeout_s`
-    plus the layout's bytes at `min_bandwidth_mb_s` MiB/s; it bounds building a
-    group and the whole transfer of one broadcast.
+    `named_params`: (name, tensor) in the model's order (meta tensors work: only the layout
+    is read); kept by reference, so in-place updates are seen at each `broadcast`. With
+    `share_storage` (the default), one rank and no dtype change, each parameter's `.data`
+    is moved into its slot of the flat buffers (`FlatBuffers.adopt`): no pack copy and no
+    second copy of the weights; optimizers keep working since the Parameter objects stay
+    the same. Otherwise each broadcast streams through `depth` staging buckets (module
+    doc). `wire_dtype`: the dtype floating parameters travel in (the rollout engine's).
+    `join_timeout_s` (default `timeout_s`) bounds the wait for acks; a worker leaving a
+    failed collective can ack the next update only if it is at least the collective
+    timeout. The collective timeout (module doc) is `timeout_s` plus the layout's bytes at
+    `min_bandwidth_mb_s` MiB/s; each bucket gets `bucket_timeout_s` (default `timeout_s`)
+    plus its bytes at that rate. `double_buffer`: tells the learner loop to hand versions
+    over with `start` (module doc) rather than `broadcast`.
     """
 
     def __init__(
@@ -153,19 +142,32 @@ class WeightSender:
         join_timeout_s: float | None = None,
         share_storage: bool = True,
         min_bandwidth_mb_s: float = 100.0,
+        wire_dtype: torch.dtype | None = None,
+        bucket_timeout_s: float | None = None,
+        depth: int = 2,
+        double_buffer: bool = False,
     ) -> None:
-        if timeout_s <= 0 or min_bandwidth_mb_s <= 0:
+        bucket_timeout_s = timeout_s if bucket_timeout_s is None else bucket_timeout_s
+        if min(timeout_s, min_bandwidth_mb_s, bucket_timeout_s) <= 0 or depth < 1:
             raise ValueError(
-                f"timeout_s ({timeout_s}) and min_bandwidth_mb_s ({min_bandwidth_mb_s}) must be > 0"
+                f"timeout_s ({timeout_s}), bucket_timeout_s ({bucket_timeout_s}) and "
+                f"min_bandwidth_mb_s ({min_bandwidth_mb_s}) must be > 0, depth ({depth}) >= 1"
             )
         self.redis, self.keys = redis_client, WeightKeys(run_id)
         self.run_id = run_id
         self.device = torch.device(device)
-        self.layout = BucketLayout.from_named(named_params, bucket_mb)
-        self.buffers = FlatBuffers(self.layout, self.device)
+        self.layout = wire_layout(named_params, bucket_mb, wire_dtype)
         self._params = dict(named_params)
-        if share_storage:
+        adopt = share_storage and all(
+            t.device.type != "meta" and t.dtype == self.layout.slots[n].dtype
+            for n, t in named_params
+        )
+        self.buffers = FlatBuffers(self.layout, self.device) if adopt else None
+        if self.buffers is not None:
             self.buffers.adopt(named_params)
+        self.pool = StagingPool(self.layout, self.device)
+        self.depth, self.bucket_timeout_s = depth, bucket_timeout_s
+        self.min_bandwidth_mb_s = min_bandwidth_mb_s
         self.timeout = timedelta(seconds=timeout_s)
         self.join_timeout_s = timeout_s if join_timeout_s is None else join_timeout_s
         self.collective_timeout = timedelta(
@@ -175,8 +177,11 @@ class WeightSender:
         self.host, self.port = host, self._store.port
         self.incarnation = uuid.uuid4().hex[:12]
         self.generation, self.members, self.version = 0, (), None
+        self._members_key: tuple[tuple[str, str | None], ...] = ()
         self._group, self._last_attempt = None, None
         self.update = 0  # one per broadcast; receivers key updates by it, so a resend is new
+        self.in_flight = InFlight(self)
+        self.double_buffer = double_buffer  # the learner loop then uses `start`
         self.redis.delete(self.keys.rendezvous)
         self.redis.hset(self.keys.rendezvous, mapping=self._rendezvous_fields(timeout_s))
 
@@ -192,55 +197,87 @@ class WeightSender:
             "backend": "nccl" if self.device.type == "cuda" else "gloo",
             "timeout_s": timeout_s,
             "collective_timeout_s": self.collective_timeout.total_seconds(),
+            "bucket_timeout_s": self.bucket_timeout_s,
+            "min_bandwidth_mb_s": self.min_bandwidth_mb_s,
             "join_timeout_s": self.join_timeout_s,
             "generation": 0,
         }
 
-    def broadcast(
-        self, version: int, named_params: NamedTensors | Mapping | None = None
-    ) -> SyncStats:
+    def broadcast(self, version: int, named_params: Source | None = None) -> SyncStats:
         """Sends the current weights as `version` to every worker that acks in time.
 
-        `named_params` replaces the tensors given at construction for this call
-        (e.g. a freshly gathered full state dict). Versions never decrease; the same version
-        may be sent again, to reach workers that missed it (each call is a new update).
+        `named_params` replaces the tensors given at construction for this call: a mapping,
+        or an iterator of (name, tensor) consumed exactly once, also when the broadcast
+        fails (a sharded learner's other ranks take part in each gather). Versions never
+        decrease; the same version may be sent again, to reach workers that missed it (each
+        call is a new update). Waits for a version still in flight (`start`) first.
         Raises `WeightSyncError` (generation abandoned) when a member fails.
         """
+        self.in_flight.wait()
+        return self._broadcast(version, named_params, None)
+
+    def start(self, version: int, named_params: Source | None = None) -> float:
+        """Double buffering (module doc): snapshots the weights and broadcasts them in the
+        background; returns the seconds the caller was held. Outcomes: `finished`."""
+        self._check_version(version)
+        return self.in_flight.start(version, named_params)
+
+    def finished(self) -> list[SyncStats | WeightSyncError]:
+        """Outcomes of background broadcasts completed since the last call, oldest first."""
+        return self.in_flight.collect()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a version started with `start` is still on its way."""
+        return self.in_flight.busy
+
+    def _check_version(self, version: int) -> None:
         if self._last_attempt is not None and version < self._last_attempt:
             raise ValueError(f"version {version} is below the last one, {self._last_attempt}")
+
+    def _broadcast(
+        self, version: int, source: Source | None, laid_out: FlatBuffers | None
+    ) -> SyncStats:
+        """One update; `laid_out`: buffers already holding the weights (a snapshot)."""
+        self._check_version(version)
         self._last_attempt = version
         self.update += 1
         start = time.perf_counter()
-        params = self._params if named_params is None else dict(named_params)
-        members = self._collect_acks(version)
-        new_group = bool(members) and (self._group is None or members != self.members)
-        if new_group or not members:
-            self._abandon()
-        if new_group:
-            self.generation += 1
-        self._publish_plan(version, members)
+        source = self._params if source is None else source
+        pairs = None if isinstance(source, Mapping) else iter(source)
         try:
+            acked = self._collect_acks(version)
+            members = tuple(sorted(acked))
+            # a worker restarted under the same id is a new member: its old process's
+            # connections in the current group are dead
+            key = tuple((w, acked[w]) for w in members)
+            new_group = bool(members) and (self._group is None or key != self._members_key)
+            if new_group or not members:
+                self._abandon()
             if new_group:
-                prefixed = dist.PrefixStore(f"gen{self.generation}", self._store)
-                self._group = make_group(
-                    prefixed, 0, len(members) + 1, self.device, self.collective_timeout, self.host
-                )
-                self.members = members
-            rendezvous_s = time.perf_counter() - start
-            deadline = time.monotonic() + self.collective_timeout.total_seconds()
-            works, pack_s = self._pack_and_send(params)
-            tick = time.perf_counter()
-            checksum = self.buffers.checksum()  # overlaps with the bytes in flight
-            checksum_s = time.perf_counter() - tick
-            self._publish_expected(version, checksum)
-            for work in works:  # one deadline for the whole model (module doc)
-                work.wait(timedelta(seconds=max(deadline - time.monotonic(), 1e-3)))
-        except RuntimeError as error:
-            self._abandon()
-            raise WeightSyncError(
-                f"weight broadcast of version {version} to generation {self.generation} "
-                f"(members {list(members)}) failed; generation abandoned: {error}"
-            ) from error
+                self.generation += 1
+            self._publish_plan(version, members)
+            try:
+                if new_group:
+                    prefixed = dist.PrefixStore(f"gen{self.generation}", self._store)
+                    self._group = make_group(
+                        prefixed, 0, len(members) + 1, self.device, self.collective_timeout,
+                        self.host,
+                    )  # fmt: skip
+                    self.members, self._members_key = members, key
+                rendezvous_s = time.perf_counter() - start
+                buckets = self._buckets(source if pairs is None else pairs, laid_out)
+                checksum, pack_s, checksum_s = self._send(buckets)
+            except RuntimeError as error:
+                self._abandon()
+                raise WeightSyncError(
+                    f"weight broadcast of version {version} to generation {self.generation} "
+                    f"(members {list(members)}) failed; generation abandoned: {error}"
+                ) from error
+        finally:
+            for _ in pairs or ():  # the rest of a stream, so every gather completes
+                pass
+        self._publish_expected(version, checksum)
         self.version = version
         self.redis.hset(self.keys.rendezvous, "version", version)
         total_s = time.perf_counter() - start
@@ -248,9 +285,10 @@ class WeightSender:
             version, self.generation, members, new_group, self.layout.total_bytes, checksum,
             rendezvous_s, pack_s, checksum_s,
             total_s - rendezvous_s - pack_s - checksum_s, total_s,
+            self.pool.nbytes(),
         )  # fmt: skip
 
-    def _collect_acks(self, version: int) -> tuple[str, ...]:
+    def _collect_acks(self, version: int) -> dict[str, str | None]:
         """Steps 1-3: announce `version`, wait for the live workers' acks, return the ackers."""
         self.redis.hset(
             self.keys.rendezvous,
@@ -260,21 +298,24 @@ class WeightSender:
         self._wake(waiting, version)
         ack_key = self.keys.acks(self.incarnation, self.update)
         deadline = time.monotonic() + self.join_timeout_s
-        acked: set[str] = set()
-        while not waiting <= acked and (remaining := deadline - time.monotonic()) > 0:
+        acked: dict[str, str | None] = {}  # worker -> its process's session
+        while not waiting <= acked.keys() and (remaining := deadline - time.monotonic()) > 0:
             item = self.redis.blpop([ack_key], timeout=min(remaining, 0.5))
             if item is None:  # re-check liveness so a dead worker stops the wait early
                 waiting = live_workers(self.redis, self.run_id) & waiting
             else:
-                acked |= self._accept(item[1])
+                acked.update(self._accept(item[1]))
         while (raw := self.redis.lpop(ack_key)) is not None:
-            acked |= self._accept(raw)
-        return tuple(sorted(acked))
+            acked.update(self._accept(raw))
+        return acked
 
-    def _accept(self, raw: bytes | str) -> set[str]:
+    def _accept(self, raw: bytes | str) -> dict[str, str | None]:
+        """{worker: session} of one ack; empty for a worker with another layout (it refuses
+        the plan itself and never becomes a member)."""
         ack = json.loads(raw)
-        # A worker with another layout refuses the plan itself; it never becomes a member.
-        return {ack["worker_id"]} if ack["fingerprint"] == self.layout.fingerprint else set()
+        if ack["fingerprint"] != self.layout.fingerprint:
+            return {}
+        return {ack["worker_id"]: ack.get("session")}
 
     def _wake(self, workers, token) -> None:
         pipe = self.redis.pipeline()
@@ -299,16 +340,33 @@ class WeightSender:
         )
         self._wake(members, "plan")
 
-    def _pack_and_send(self, params: Mapping[str, torch.Tensor]) -> tuple[list, float]:
-        """Packs bucket i+1 while bucket i is on the wire; returns the works and the pack time."""
-        works, pack_s = [], 0.0
-        for index, flat in enumerate(self.buffers.byte_views):
-            tick = time.perf_counter()
-            self.buffers.pack_bucket(index, params)
-            pack_s += time.perf_counter() - tick
-            if self._group is not None:
-                works.append(start_broadcast(self._group, flat, self.collective_timeout))
-        return works, pack_s
+    def _buckets(
+        self, source: Source, laid_out: FlatBuffers | None
+    ) -> Iterator[tuple[Bucket, torch.Tensor, bool]]:
+        """(bucket, flat, staged) in layout order; `staged`: a pool buffer to give back."""
+        buffers = laid_out or self.buffers
+        if buffers is None:
+            for bucket, flat in stage_buckets(self.layout, source, self.pool):
+                yield bucket, flat, True
+            return
+        if laid_out is None and not isinstance(source, Mapping):
+            buffers.fill(source)  # adopted buffers, a stream given: copy it as it comes
+            source = {}
+        for bucket, flat in zip(self.layout.buckets, buffers.tensors, strict=True):
+            if laid_out is None and source:
+                buffers.pack_bucket(bucket.index, source, cast=True)  # no-op when adopted
+            yield bucket, flat, False
+
+    def _send(
+        self, buckets: Iterator[tuple[Bucket, torch.Tensor, bool]]
+    ) -> tuple[str, float, float]:
+        deadline = time.monotonic() + self.collective_timeout.total_seconds()
+
+        def timeout_of(bucket: Bucket) -> timedelta:
+            limit = bucket_timeout_s(self.bucket_timeout_s, bucket.nbytes, self.min_bandwidth_mb_s)
+            return timedelta(seconds=limit)
+
+        return send_buckets(self._group, buckets, self.pool, timeout_of, deadline, self.depth)
 
     def _publish_expected(self, version: int, checksum: str) -> None:
         self.redis.hset(self.keys.expected, str(version), checksum)
@@ -318,7 +376,9 @@ class WeightSender:
 
     def _abandon(self) -> None:
         drop_group(self._group, self.device)
-        self._group, self.members = None, ()
+        self._group, self.members, self._members_key = None, (), ()
+        # a failed op may still reference its staging buffer: never reuse those
+        self.pool = StagingPool(self.layout, self.device)
 
     @property
     def group(self):
@@ -334,7 +394,11 @@ class WeightSender:
         publish_checkpoint(self.redis, self.run_id, version, checkpoint_dir)
 
     def close(self) -> None:
-        """Drops the group and withdraws the rendezvous (workers then wait for a new learner)."""
-        self._abandon()
-        self.redis.delete(self.keys.rendezvous)
-        self._store = None
+        """Waits for a version in flight, drops the group and withdraws the rendezvous
+        (workers then wait for a new learner)."""
+        try:
+            self.in_flight.wait()
+        finally:
+            self._abandon()
+            self.redis.delete(self.keys.rendezvous)
+            self._store = None

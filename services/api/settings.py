@@ -15,6 +15,9 @@ from pydantic_settings import SettingsConfigDict
 
 from dapo.runtime.config import ConfigError, ServiceSettings
 
+MIN_TOKEN_LENGTH = 16
+"""Shortest bearer token accepted: a guessable token is an open control plane."""
+
 
 class ApiSettings(ServiceSettings):
     """Where the control API listens, how it authenticates, and what it may start."""
@@ -43,8 +46,8 @@ class ApiSettings(ServiceSettings):
     def _auth_is_explicit(self) -> ApiSettings:
         if self.token is not None and self.token_file is not None:
             raise ValueError("set only one of DAPO_API_TOKEN and DAPO_API_TOKEN_FILE")
-        if self.token is not None and not self.token.get_secret_value().strip():
-            raise ValueError("DAPO_API_TOKEN is empty")
+        if self.token is not None:
+            check_token_length(self.token.get_secret_value().strip(), "DAPO_API_TOKEN")
         if self.token_file is not None and not self.token_file.is_file():
             raise ValueError(f"DAPO_API_TOKEN_FILE {str(self.token_file)!r} is not a file")
         configured = self.token is not None or self.token_file is not None
@@ -64,6 +67,19 @@ class ApiSettings(ServiceSettings):
         if self.token_file is None:
             return None
         value = self.token_file.read_text().strip()
-        if not value:
-            raise ConfigError(f"DAPO_API_TOKEN_FILE {str(self.token_file)!r} is empty")
-        return value
+        try:
+            return check_token_length(value, f"DAPO_API_TOKEN_FILE {str(self.token_file)!r}")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def check_token_length(token: str, source: str) -> str:
+    """``token`` when long enough; else a ValueError naming where it came from."""
+    if not token:
+        raise ValueError(f"{source} is empty")
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ValueError(
+            f"{source} is {len(token)} characters: an API token needs at least "
+            f"{MIN_TOKEN_LENGTH} (e.g. `openssl rand -hex 24`)"
+        )
+    return token

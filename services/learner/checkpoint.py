@@ -9,7 +9,7 @@ of ``save_pretrained`` and ``optimizer.pt``; a sharded learner writes the same H
 files streamed one parameter at a time, and the model and optimizer shards as a DCP
 folder (``services.learner.distributed``). A checkpoint is written to a temporary
 folder and renamed into place, so a crash never leaves a half-written "newest"
-checkpoint.
+checkpoint; a save that fails (a full disk) removes its temporary folder.
 """
 
 from __future__ import annotations
@@ -40,12 +40,17 @@ def save_checkpoint(
     tmp = root / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        state = json.dumps({"step": step, **trainer_state}, indent=2)
+        (tmp / "trainer_state.json").write_text(state)
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final

@@ -40,9 +40,11 @@ same code):
   norm, so every rank takes the same step-or-skip decision;
 - fixed (old / reference) log-probs: each rank computes its own micro-batches
   into a zero (B, T) tensor and a sum all-reduce completes it everywhere;
-- weights for rollout workers: ``full_params`` all-gathers each parameter
-  (``DTensor.full_tensor``) and rank 0 hands them to a ``WeightSender`` built
-  with ``share_storage=False`` on meta tensors (only the layout is needed);
+- weights for rollout workers: ``stream_full_params`` all-gathers one parameter at a
+  time (``DTensor.full_tensor``) as rank 0's ``WeightSender`` (built on meta tensors:
+  only the layout is needed) asks for it, casting it into a staging bucket in the
+  rollout dtype (``dapo.weights.stream``); the command reaches the other ranks only when
+  the sender starts reading, after its ack wait, so they never sit in a gather through it;
 - checkpoints (``save_sharded_checkpoint``): every rank writes its shards of the
   model and of the optimizer state with torch distributed checkpoint (DCP,
   ``training_state/``), straight from the live tensors; then a plain Hugging
@@ -59,6 +61,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -119,6 +122,15 @@ def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         n: (p.full_tensor() if isinstance(p, DTensor) else p).detach()
         for n, p in model.named_parameters()
     }
+
+
+def stream_full_params(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter unsharded, one at a time in ``named_parameters`` order: each is
+    all-gathered when the consumer asks for it (a collective per parameter, all ranks in
+    the same order), so a rank holds one full parameter at a time, not the model."""
+    reshard(model)
+    for n, p in model.named_parameters():
+        yield n, (p.full_tensor() if isinstance(p, DTensor) else p).detach()
 
 
 def meta_params(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -5,6 +5,16 @@ ranks over which the model is sharded (``services.learner.distributed``).
 Either way rank 0 runs the service shell and the loop (``lead``) and every
 other rank carries out its commands (``follow``); ``build_policy`` gives each
 rank its model, trainer and resume point.
+
+Health of a multi-node learner: every pod (torchrun node) answers its probes on
+``DAPO_HEALTH_PORT``. The pod holding rank 0 answers from the service shell;
+on every other pod the process with ``LOCAL_RANK`` 0 serves ``/healthz``,
+``/readyz`` and ``/metrics`` itself (``follower_health``), from a thread that
+answers while the rank is blocked in a collective or waits hours for a
+command. A rank that dies is not left to the probes: torchrun's agent tears
+down every local rank of its node and exits, so the pod's container restarts,
+and the other nodes' collectives fail and take their ranks down the same way.
+A rank that hangs inside a collective is caught by the collective's timeout.
 """
 
 from __future__ import annotations
@@ -16,16 +26,20 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import torch
+from prometheus_client import CollectorRegistry, Gauge
 from pydantic import Field
 
 from dapo.data.models import load_tokenizer, pick_device
 from dapo.runtime.config import ConfigError, ServiceSettings
+from dapo.runtime.health import HealthServer
 from dapo.runtime.lease import Lease
 from dapo.runtime.service import ServiceContext, ServiceRuntime
 from dapo.tracking import Trackers, TrackerUnavailable, TrackingRun, open_trackers
 from dapo.weights.sender import WeightSender
+from dapo.weights.stream import wire_dtype
 from proto.keys import run_key
 from proto.runspec import RunSpec
 from services.learner.checkpoint import newest_checkpoint
@@ -54,6 +68,17 @@ class LearnerSettings(ServiceSettings):
     sync_min_bandwidth_mb_s: float = Field(100.0, gt=0)
     """Slowest rate (MiB/s) a broadcast may crawl at: the collective timeout is
     sync_timeout_s plus the model's bytes at this rate (DAPO_SYNC_MIN_BANDWIDTH_MB_S)."""
+    sync_bucket_mb: float = Field(64.0, gt=0, le=4096)
+    """Cap of one weight-sync bucket (MiB); each side holds sync_depth (+1) of them."""
+    sync_bucket_timeout_s: float = Field(60.0, gt=0, le=3600)
+    """Base allowance of one bucket's broadcast; plus its bytes at sync_min_bandwidth_mb_s."""
+    sync_depth: int = Field(2, ge=1, le=16)
+    """Buckets on the wire at once while the next is gathered and cast."""
+    sync_wire_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype weights travel in; auto = rollout.dtype for vLLM, the learner's for HF."""
+    sync_double_buffer: bool = False
+    """Train the next step while the previous version is on the wire; costs one model in
+    the wire dtype on rank 0's device (the snapshot being sent)."""
     world_size: int = Field(1, ge=1, le=65536, validation_alias="WORLD_SIZE")
     """Learner ranks, set by torchrun (WORLD_SIZE); 1 for a plain process."""
     local_rank: int = Field(0, ge=0, le=1024, validation_alias="LOCAL_RANK")
@@ -73,10 +98,11 @@ def join_ranks(settings: LearnerSettings) -> Ranks:
 
 
 def open_sender(rt: ServiceRuntime, policy: Policy, settings: LearnerSettings) -> WeightSender:
-    """One rank: the sender adopts the parameters' storage, so a broadcast packs nothing.
-    Sharded: rank 0 holds only shards, so the sender gets the full layout (meta tensors)
-    and each broadcast the gathered full parameters."""
-    model, ranks = policy.trainer.model, policy.ranks
+    """One rank: the sender adopts the parameters' storage, so a broadcast packs nothing
+    (unless the wire dtype differs: then it streams). Sharded: rank 0 holds only shards, so
+    the sender gets the full layout (meta tensors) and each broadcast streams the gathered
+    parameters, one at a time, through a few buckets."""
+    model, ranks, spec = policy.trainer.model, policy.ranks, rt.ctx.spec
     sharded = ranks.world > 1
     return WeightSender(
         rt.client,
@@ -89,6 +115,11 @@ def open_sender(rt: ServiceRuntime, policy: Policy, settings: LearnerSettings) -
         join_timeout_s=settings.sync_join_timeout_s,
         min_bandwidth_mb_s=settings.sync_min_bandwidth_mb_s,
         share_storage=not sharded,
+        bucket_mb=settings.sync_bucket_mb,
+        bucket_timeout_s=settings.sync_bucket_timeout_s,
+        depth=settings.sync_depth,
+        wire_dtype=wire_dtype(settings.sync_wire_dtype, spec.rollout.engine, spec.rollout.dtype),
+        double_buffer=settings.sync_double_buffer,
     )
 
 
@@ -142,7 +173,7 @@ def lead(settings: LearnerSettings, ranks: Ranks) -> None:
             sender = open_sender(rt, policy, settings)
             try:
                 with run_trackers(spec, ctx.run_id, run_dir) as trackers:
-                    LearnerLoop(
+                    loop = LearnerLoop(
                         ctx,
                         policy,
                         tokenizer,
@@ -152,7 +183,10 @@ def lead(settings: LearnerSettings, ranks: Ranks) -> None:
                         keep_checkpoints=settings.keep_checkpoints,
                         last_ckpt=ckpt,
                         trackers=trackers,
-                    ).run()
+                    )
+                    # entered again after a Redis outage: records its step, sends its weights
+                    # again, then trains on; its bus keeps the batches held for a checkpoint
+                    rt.serve(loop.run, fresh_bus=False)
             finally:
                 sender.close()
         ranks.send("stop")
@@ -162,16 +196,74 @@ def lead(settings: LearnerSettings, ranks: Ranks) -> None:
         raise  # after "init", torchrun tears the other ranks down when this one fails
 
 
+FOLLOWING = "following rank 0"
+"""A follower's phase once it holds its shards: the only one in which it is ready."""
+
+
+class FollowerHealth:
+    """The probes of a pod whose ranks are all > 0: alive while the process is, ready once
+    the rank holds its shards and follows rank 0's commands."""
+
+    def __init__(self, settings: LearnerSettings, ranks: Ranks) -> None:
+        self.phase = "waiting for rank 0"
+        registry = CollectorRegistry()
+        labels = {"rank": str(ranks.rank), "world": str(ranks.world)}
+        Gauge(
+            "dapo_learner_rank_up",
+            "1 while this learner rank runs",
+            list(labels),
+            registry=registry,
+        ).labels(**labels).set(1)
+        self._ready = Gauge(
+            "dapo_learner_rank_ready",
+            "1 once this rank follows rank 0",
+            list(labels),
+            registry=registry,
+        ).labels(**labels)
+        self.server = HealthServer(
+            registry, self._readiness, settings.health_host, settings.health_port
+        ).start()
+        log.info("learner rank %d serves health on :%d", ranks.rank, self.server.port)
+
+    def _readiness(self) -> tuple[bool, str]:
+        return self.phase == FOLLOWING, self.phase
+
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
+        self._ready.set(1.0 if phase == FOLLOWING else 0.0)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def follower_health(settings: LearnerSettings, ranks: Ranks) -> FollowerHealth | None:
+    """The pod's health endpoints from a rank > 0 with ``LOCAL_RANK`` 0 (the first rank of
+    a torchrun node that does not hold rank 0); None for the others, whose pod is answered
+    for by rank 0 or by that first rank (one port per pod)."""
+    if ranks.rank == 0 or settings.local_rank != 0:
+        return None
+    return FollowerHealth(settings, ranks)
+
+
 def follow(settings: LearnerSettings, ranks: Ranks) -> None:
     """Ranks > 0: build the same policy as rank 0, then carry out its commands."""
     for sig in (signal.SIGTERM, signal.SIGINT):  # rank 0 decides when to stop
         signal.signal(sig, signal.SIG_IGN)
-    kind, *args = ranks.receive()
-    if kind == "stop":
-        return
-    spec, ckpt, pad_id = args
-    policy, _ = build_policy(spec, settings.cache_dir, ckpt, pad_id, ranks)
-    policy.follow()
+    health = follower_health(settings, ranks)
+    try:
+        kind, *args = ranks.receive()
+        if kind == "stop":
+            return
+        spec, ckpt, pad_id = args
+        if health:
+            health.set_phase("building the model")
+        policy, _ = build_policy(spec, settings.cache_dir, ckpt, pad_id, ranks)
+        if health:
+            health.set_phase(FOLLOWING)
+        policy.follow()
+    finally:
+        if health:
+            health.stop()
 
 
 def run(settings: LearnerSettings) -> None:

@@ -18,6 +18,7 @@ world size that wrote it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from services.learner.distributed import (
     load_model_state,
     load_optimizer_state,
     save_sharded_checkpoint,
+    stream_full_params,
 )
 from services.learner.model_init import load_plain, load_sharded
 from services.learner.ranks import Ranks
@@ -60,11 +62,17 @@ class Policy:
             self.ranks.send("batch", {k: bytes(v) for k, v in encode(batch).items()})
         return self.trainer.train_batch(batch)
 
-    def gather_weights(self) -> dict[str, torch.Tensor]:
-        """Full parameters in ``named_parameters`` order: an all-gather when sharded, the
-        parameters themselves (no copy) with one rank."""
-        self._tell("weights")
-        return full_params(self.trainer.model)
+    def gather_weights(self) -> Mapping[str, torch.Tensor] | Iterator[tuple[str, torch.Tensor]]:
+        """Full parameters in ``named_parameters`` order: with one rank the parameters
+        themselves (no copy); sharded, a one-pass stream that tells the other ranks and
+        all-gathers one parameter at a time as it is read (to be read to the end)."""
+        if self.ranks.world == 1:
+            return full_params(self.trainer.model)
+        return self._stream_weights()
+
+    def _stream_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        self._tell("weights")  # on the first read, so the other ranks gather in step
+        yield from stream_full_params(self.trainer.model)
 
     def save_checkpoint(self, root: Path, step: int, tokenizer: Tokenizer | None) -> Path:
         self._tell("checkpoint", str(root), step)
@@ -77,7 +85,8 @@ class Policy:
             if kind == "batch":
                 self.trainer.train_batch(decode(args[0], TrainingBatch))
             elif kind == "weights":
-                full_params(self.trainer.model)
+                for _ in stream_full_params(self.trainer.model):
+                    pass
             elif kind == "checkpoint":
                 self._write_checkpoint(Path(args[0]), int(args[1]), None)
             elif kind == "stop":

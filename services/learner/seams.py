@@ -8,13 +8,14 @@ the service; small in-memory implementations in the loop's tests.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from dapo.weights.sender import SyncStats
+from dapo.weights.stream import Source
 from proto.messages import TrainingBatch
 
 
@@ -35,8 +36,9 @@ class TrainablePolicy(Protocol):
         """Trains on one batch; the step's figures (loss, grad_norm, reward_mean, ...)."""
         ...
 
-    def gather_weights(self) -> Mapping[str, torch.Tensor]:
-        """Every parameter at full size, in ``named_parameters`` order."""
+    def gather_weights(self) -> Mapping[str, torch.Tensor] | Iterator[tuple[str, torch.Tensor]]:
+        """Every parameter at full size, in ``named_parameters`` order: a mapping, or a
+        one-pass stream the sender reads to the end (``dapo.weights.stream``)."""
         ...
 
     def save_checkpoint(self, root: Path, step: int, tokenizer: Tokenizer | None) -> Path:
@@ -47,9 +49,7 @@ class TrainablePolicy(Protocol):
 class WeightBroadcaster(Protocol):
     """Gets new weights to the rollout workers (``dapo.weights.WeightSender``)."""
 
-    def broadcast(
-        self, version: int, named_params: Mapping[str, torch.Tensor] | None = None
-    ) -> SyncStats:
+    def broadcast(self, version: int, named_params: Source | None = None) -> SyncStats:
         """Sends the weights as ``version`` (``named_params``: this call's tensors instead of
         the ones the sender holds); raises ``WeightSyncError`` when a worker fails."""
         ...

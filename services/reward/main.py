@@ -25,7 +25,7 @@ def run(settings: RewardSettings) -> None:
         tokenizer = load_tokenizer(rt.ctx.spec.model, settings.cache_dir)
         pool = ProcessPoolExecutor(settings.workers) if settings.workers > 0 else None
         try:
-            RewardWorker(rt.ctx, tokenizer, settings.batch, pool).serve()
+            rt.serve(RewardWorker(rt.ctx, tokenizer, settings.batch, pool).serve)
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)

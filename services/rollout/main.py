@@ -113,17 +113,21 @@ def run(settings: RolloutSettings) -> None:
             version=version,
             allowed_hosts=settings.allowed_hosts(),
             checkpoint_root=checkpoint_root(ctx.spec, ctx.run_id),
+            # HF copies each tensor as it reads it: a few buckets, not a model; vLLM's
+            # layer-wise reload takes whole layers at once
+            stream=ctx.spec.rollout.engine == "hf",
         )
         receiver.join()
         try:
-            RolloutWorker(
+            worker = RolloutWorker(
                 ctx,
                 engine,
                 receiver,
                 ctx.spec.rollout.engine,
                 version=version,
                 max_prompts=settings.max_prompts,
-            ).serve()
+            )
+            rt.serve(worker.serve)
         finally:
             receiver.close()
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from dapo.data.dataset import DatasetError, load_default_or_files
+import logging
+import time
+
+from dapo.data.dataset import load_default_or_files
 from dapo.data.models import load_tokenizer
 from dapo.data.prompts import PromptSource
 from dapo.runtime.config import ServiceSettings
-from dapo.runtime.service import ServiceRuntime
-from services.sampler.service import serve
+from dapo.runtime.service import ServiceContext, ServiceRuntime
+from services.sampler.service import Sampler, SamplerMetrics
+
+log = logging.getLogger(__name__)
 
 
 class SamplerSettings(ServiceSettings):
@@ -27,12 +32,21 @@ def prompt_source(spec, cache_dir: str) -> PromptSource:
 
 def run(settings: SamplerSettings) -> None:
     with ServiceRuntime("sampler", settings) as rt:
-        try:
-            source = prompt_source(rt.ctx.spec, settings.cache_dir)
-        except DatasetError as exc:  # the run cannot go on: say why where the user looks
-            rt.ctx.fail(str(exc))
-            raise
-        serve(rt.ctx, source)
+        source = prompt_source(rt.ctx.spec, settings.cache_dir)  # a DatasetError fails the run
+        metrics = SamplerMetrics(rt.ctx.registry)  # once per process, however often entered
+        rt.serve(lambda: serve_anew(rt.ctx, source, metrics))
+
+
+def serve_anew(ctx: ServiceContext, source: PromptSource, metrics: SamplerMetrics) -> None:
+    """The sampler's loop with a new ``Sampler``: entered again after a Redis outage, it
+    re-reads the groups it held from its fresh bus, as a restarted sampler does."""
+    sampler = Sampler(ctx, ctx.spec, source, metrics)
+    last_log = 0.0
+    while not ctx.stopping():
+        sampler.tick()
+        if time.monotonic() - last_log > 10:
+            last_log = time.monotonic()
+            log.info("account %s", sampler.account())
 
 
 def main() -> int:

@@ -6,6 +6,11 @@ so far fixes the epoch and position), and kept groups waiting for a batch stay
 *unacknowledged* in the ``scored`` stream, so a restarted sampler gets them
 back. Every dispatch, filter decision and batch is one atomic bus commit that
 acks its inputs and bumps the account together.
+
+Hostile input is set aside one message at a time: a scored group of another run,
+or one whose classification fails, is dead-lettered alone (a dead-lettered prompt of the run counts as ``dead`` in the account and
+frees its in-flight slot); a ``versions`` entry it cannot decode is skipped and
+counted by the bus, one of another run or going backwards is ignored.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from dapo.data.prompts import PromptSource
 from dapo.runtime.service import ServiceContext
-from dapo.transport.bus import Delivery
+from dapo.transport.bus import Delivery, handle_each
 from proto.messages import (
     BatchStats,
     PromptTask,
@@ -115,6 +120,9 @@ class Sampler:
         """Follow the learner's announcements (read without a group: every reader sees all)."""
         self._versions_cursor, versions = self.rt.bus.read("versions", self._versions_cursor)
         for msg in versions:
+            if msg.run_id != self.rt.run_id:
+                log.error("ignoring a version announcement of run %r", msg.run_id)
+                continue
             self.published = max(self.published, msg.version)
 
     def train_version(self, batch_id: int) -> int:
@@ -184,19 +192,27 @@ class Sampler:
         is not kept is acknowledged and counted at once, a filtered group also against the
         dynamic-sampling budget (``scored_since_batch``; kept groups count there through
         ``held``)."""
-        for d in deliveries:
-            outcome = self._assembler.offer(d.message, d, train_version)
-            self.metrics.groups.labels(outcome).inc()
-            self.rt.progress()
-            self.metrics.version_lag.observe(max(train_version - d.message.policy_version, 0))
-            self._stats[outcome] += 1
-            if outcome == "kept":
-                continue
-            counters = {outcome: 1}
-            if outcome != "dropped_stale":
-                counters["scored_since_batch"] = 1
-            self.rt.bus.commit(ack=[d], counters=counters, counter=ACCOUNT)
+        handle_each(self.rt.bus, deliveries, lambda d: self._absorb_one(d, train_version))
         self.drop_stale(train_version)
+
+    def _absorb_one(self, d: Delivery[ScoredGroup], train_version: int) -> None:
+        if d.message.run_id != self.rt.run_id:
+            raise ValueError(f"group {d.message.group_id!r} of run {d.message.run_id!r}")
+        if any(g.group_id == d.message.group_id for g, _ in self._assembler.held):
+            log.warning("group %s is held already: the copy is dropped", d.message.group_id)
+            self.rt.bus.ack(d)
+            return
+        outcome = self._assembler.offer(d.message, d, train_version)
+        self.metrics.groups.labels(outcome).inc()
+        self.rt.progress()
+        self.metrics.version_lag.observe(max(train_version - d.message.policy_version, 0))
+        self._stats[outcome] += 1
+        if outcome == "kept":
+            return
+        counters = {outcome: 1}
+        if outcome != "dropped_stale":
+            counters["scored_since_batch"] = 1
+        self.rt.bus.commit(ack=[d], counters=counters, counter=ACCOUNT)
 
     def drop_stale(self, train_version: int) -> None:
         """Held groups too old for the batch trained by ``train_version`` go, counted."""

@@ -21,7 +21,14 @@ VALUES = Path(__file__).resolve().parent / "values"
 RELEASE, NAMESPACE = "dapo", "rl"
 # The chart's kubeVersion floor and the newest schemas kubernetes-validate ships.
 KUBE_VERSIONS = ("1.28.0", kubernetes_validate.latest_version())
-GOOD_SETS = (None, "external-redis", "rollout-replicas", "ingress-monitoring", "redis-acl-tls")
+GOOD_SETS = (
+    None,
+    "external-redis",
+    "rollout-replicas",
+    "ingress-monitoring",
+    "redis-acl-tls",
+    "qwen2.5-32b",
+)
 COMPONENTS = ("sampler", "reward", "rollout", "learner", "api")
 SETTINGS = {
     "sampler": "services.sampler.main:SamplerSettings",
@@ -130,11 +137,15 @@ def settings_class(component: str):
 
 
 def env_names(cls) -> set[str]:
-    """The environment variables a settings class reads: DAPO_<FIELD> or the field's alias."""
+    """The environment variables a settings class reads: DAPO_<FIELD> or the field's alias,
+    and those of a nested settings class with its own prefix (DAPO_VLLM_<FIELD>)."""
     names = set()
     for field, info in cls.model_fields.items():
         alias = info.validation_alias
         names.add(alias.upper() if isinstance(alias, str) else f"DAPO_{field.upper()}")
+        prefix = getattr(info.annotation, "model_config", {}).get("env_prefix")
+        if prefix:
+            names |= {f"{prefix}{sub.upper()}" for sub in info.annotation.model_fields}
     return names
 
 

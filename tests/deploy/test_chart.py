@@ -105,6 +105,7 @@ def check_operator_object_shape(obj: dict) -> None:
         ({"redis": {"external": {"url": "redis://:pw@r:6379/0"}}}, "/redis/external/url"),
         ({"redis": {"auth": {"username": "a b"}}}, "/redis/auth/username"),
         ({"redis": {"maxmemory": "3gb"}}, "/redis/maxmemory"),
+        ({"api": {"auth": {"token": "t0ken"}}}, "/api/auth/token"),
         ({"monitoring": {"prometheusRule": {"for": {"DapoX": "1m"}}}}, "'DapoX'"),
         ({"networkPolicy": {"ephemeralPorts": {"start": 0, "end": 1}}}, "/start"),
         ({"runConfig": {"trainer": {"runs_dir": "runs"}}}, "/runConfig/trainer/runs_dir"),
@@ -165,7 +166,7 @@ def test_env_is_read_by_the_settings_classes(values, monkeypatch, tmp_path):
     objs = render(values)
     files = {"DAPO_API_TOKEN_FILE": tmp_path / "token", "DAPO_REDIS_TLS_CA": tmp_path / "ca"}
     for path in files.values():
-        path.write_text("t0ken\n")
+        path.write_text("chart-test-token-0a9f\n")
     for name in COMPONENTS:
         c, cls = container(objs, name), settings_class(name)
         env = {k: v for k, v in env_of(c).items() if k.startswith("DAPO_")}
@@ -184,7 +185,7 @@ def test_env_is_read_by_the_settings_classes(values, monkeypatch, tmp_path):
         assert (s.redis_tls_ca is not None) == s.redis_url.startswith("rediss://")
         if name == "api":
             assert (s.host, s.port) == ("0.0.0.0", port_of(c, "http"))
-            assert s.resolved_token() == "t0ken"
+            assert s.resolved_token() == "chart-test-token-0a9f"
         else:
             assert (s.health_host, s.health_port) == ("0.0.0.0", port_of(c, "metrics"))
             assert s.device == ("cuda" if name in ("rollout", "learner") else "cpu")
@@ -255,7 +256,7 @@ def test_api_serves_its_probes_and_loads_the_run_config(monkeypatch, tmp_path):
     run_yaml = tmp_path / "run.yaml"
     run_yaml.write_text(one(objs, "ConfigMap", "api")["data"]["run.yaml"])
     token = tmp_path / "token"
-    token.write_text("t0ken")
+    token.write_text("chart-test-token-0a9f")
     port, host = int(env["DAPO_PORT"]), env["DAPO_HOST"]
     settings = ApiSettings(
         DAPO_API_TOKEN_FILE=token, port=port, host=host, autostart_config=run_yaml

@@ -126,3 +126,13 @@ def test_bad_inputs_say_what(tmp_path):
         plot_run(tmp_path)
     with pytest.raises(ValueError, match="smoothing"):
         plot_runs([make_run(tmp_path)], tmp_path / "x.png", smooth=1.0)
+
+
+def test_a_torn_last_metrics_line_is_left_out(tmp_path):
+    from dapo.cli.plots import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"ste')
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"ste\n{"step": 3}\n')
+    with pytest.raises(ValueError):
+        read_metrics(tmp_path)

@@ -23,11 +23,15 @@ from dapo.weights.receiver import WeightReceiver
 from dapo.weights.registry import WeightSyncError, needs_checkpoint
 
 BUCKET_MB = 0.004  # ~4 KiB: the tiny model spans several buckets
+DEEP_BUCKET_MB = 0.008  # one bucket per 64x64 bf16 weight: the deep model spans 8+ buckets
 
 
-def make_model() -> nn.Module:
-    """A few Linear layers, one of them bf16, so the layout holds two dtypes."""
+def make_model(deep: bool = False) -> nn.Module:
+    """A few Linear layers, one of them bf16, so the layout holds two dtypes; `deep`: eight
+    fp32 64x64 layers (~130 KiB), many buckets at `DEEP_BUCKET_MB`."""
     torch.manual_seed(1234)
+    if deep:
+        return nn.Sequential(*[nn.Linear(64, 64) for _ in range(8)])
     model = nn.Sequential(nn.Linear(16, 48), nn.Tanh(), nn.Linear(48, 48), nn.Linear(48, 8))
     model[2].to(torch.bfloat16)
     return model
@@ -70,13 +74,22 @@ class FreezingReceiver(WeightReceiver):
 def worker_main(redis_url: str, run_id: str, worker_id: str, out: str, opts: dict) -> None:
     """A rollout worker: joins, polls until told to stop, saves every version it loads."""
     torch.set_num_threads(1)
+    if opts.get("device", "cpu").startswith("cuda"):
+        torch.cuda.set_device(opts["device"])  # this worker's NCCL communicator lives there
     client = redis.Redis.from_url(redis_url)
-    model = make_model()
+    model = make_model(opts.get("deep", False))
     params = dict(model.named_parameters())
 
-    def load(views: list[tuple[str, torch.Tensor]]) -> None:
+    loads = []
+
+    def load(views) -> None:  # a list, or a one-pass stream with `stream`: copy as it comes
+        loads.append(1)
         with torch.no_grad():
-            for name, tensor in views:
+            for index, (name, tensor) in enumerate(views):
+                if len(loads) == opts.get("die_in_load") and index == 1:  # mid-transfer
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if len(loads) == opts.get("freeze_in_load") and index == 1:  # hung
+                    os.kill(os.getpid(), signal.SIGSTOP)
                 params[name].copy_(tensor)
             if opts.get("corrupt"):
                 params["0.bias"][0] += 1.0  # the engine ends up with other weights
@@ -84,7 +97,8 @@ def worker_main(redis_url: str, run_id: str, worker_id: str, out: str, opts: dic
     state_fn = (lambda: list(model.named_parameters())) if opts.get("verify") else None
     receiver = FreezingReceiver(
         client, run_id, worker_id, list(params.items()), load, state_fn=state_fn,
-        liveness_s=opts.get("liveness_s", 15.0),
+        liveness_s=opts.get("liveness_s", 15.0), stream=opts.get("stream", False),
+        device=opts.get("device", "cpu"),
     )  # fmt: skip
     receiver.freeze_at = opts.get("freeze_at", -1)
     if ref := needs_checkpoint(client, run_id, receiver.version):
@@ -105,6 +119,8 @@ def worker_main(redis_url: str, run_id: str, worker_id: str, out: str, opts: dic
             continue
         if version is not None:
             torch.save(state_of(model), Path(out) / f"{worker_id}-v{version}.pt")
+            if receiver.pool is not None:  # staging buffers it ever held at once
+                client.set(f"test:{run_id}:peak:{worker_id}", receiver.pool.peak)
             client.rpush(f"test:{run_id}:got", f"{worker_id}:{version}")
     receiver.close()
 

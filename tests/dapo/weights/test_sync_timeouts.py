@@ -28,14 +28,16 @@ def test_timeouts_come_from_the_learner_settings_and_grow_with_the_bytes(
 ) -> None:
     from services.learner.main import LearnerSettings, open_sender
 
-    for name, value in [("JOIN_TIMEOUT_S", "4"), ("TIMEOUT_S", "7"), ("MIN_BANDWIDTH_MB_S", "0.5")]:
+    for name, value in [("JOIN_TIMEOUT_S", "4"), ("TIMEOUT_S", "7"), ("MIN_BANDWIDTH_MB_S", "0.5"),
+                        ("BUCKET_TIMEOUT_S", "3"), ("BUCKET_MB", "0.004"), ("DEPTH", "3")]:  # fmt: skip
         monkeypatch.setenv(f"DAPO_SYNC_{name}", value)
     settings = LearnerSettings.from_env()
     model = make_model()
     ranks = SimpleNamespace(world=1, device=torch.device("cpu"))
     policy = SimpleNamespace(trainer=SimpleNamespace(model=model), ranks=ranks)
     client = connect(redis_url)
-    sender = open_sender(SimpleNamespace(client=client, ctx=SimpleNamespace(run_id=run_id)),
+    spec = SimpleNamespace(rollout=SimpleNamespace(engine="vllm", dtype="bfloat16"))
+    sender = open_sender(SimpleNamespace(client=client, ctx=SimpleNamespace(run_id=run_id, spec=spec)),
                          policy, settings)  # fmt: skip
     receiver = WeightReceiver(client, run_id, "w-0", list(model.named_parameters()), print)
     try:
@@ -44,6 +46,10 @@ def test_timeouts_come_from_the_learner_settings_and_grow_with_the_bytes(
         assert collective_timeout_s(7, nbytes, 0.5) == pytest.approx(expected)
         assert sender.collective_timeout.total_seconds() == pytest.approx(expected)
         assert sender.join_timeout_s == 4 and sender.timeout.total_seconds() == 7
+        # vLLM computes in rollout.dtype: the fp32 weights travel in bf16, streamed
+        assert {b.dtype for b in sender.layout.buckets} == {torch.bfloat16}
+        assert sender.buffers is None and sender.depth == 3 and sender.layout.bucket_mb == 0.004
+        assert sender.bucket_timeout_s == 3 and len(sender.layout.buckets) > 1
         assert collective_timeout_s(7, 64 << 30, 100) == pytest.approx(7 + 655.36)  # 64 GiB
         receiver.join(wait_s=2)  # workers wait as long as the learner, read from the rendezvous
         assert receiver._collective_timeout() == sender.collective_timeout

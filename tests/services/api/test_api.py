@@ -270,19 +270,30 @@ def test_metrics_count_routes_and_active_runs(http, base_url, idle, tmp_path):
 
 def test_token_file_and_auth_settings(db_url, rclient, tmp_path):
     secret = tmp_path / "token"
-    secret.write_text("from-a-file\n")
+    secret.write_text("from-a-file-4c1e9\n")
     app = create_app(ApiSettings(redis_url=db_url, token_file=secret), rclient)
     with serve_in_thread(app) as url:
-        ok = httpx.get(url + "/v1/runs", headers={"Authorization": "Bearer from-a-file"})
+        ok = httpx.get(url + "/v1/runs", headers={"Authorization": "Bearer from-a-file-4c1e9"})
         assert ok.status_code == 200
         assert httpx.get(url + "/v1/runs").status_code == 401
     with pytest.raises(ConfigError, match="DAPO_AUTH_DISABLED"):
         ApiSettings.from_env(redis_url=db_url)
     with pytest.raises(ConfigError, match="only one"):
-        ApiSettings.from_env(token="a", token_file=secret)
+        ApiSettings.from_env(token=TOKEN, token_file=secret)
     open_app = create_app(ApiSettings(redis_url=db_url, auth_disabled=True), rclient)
     with serve_in_thread(open_app) as url:
         assert httpx.get(url + "/v1/runs").status_code == 200
+
+
+def test_short_tokens_are_refused_naming_the_setting(db_url, rclient, tmp_path):
+    # 15 characters, the longest refused; surrounding spaces do not count
+    with pytest.raises(ConfigError, match="DAPO_API_TOKEN.*at least 16"):
+        ApiSettings.from_env(redis_url=db_url, token="  abcdefghijklmno  ")
+    ApiSettings.from_env(redis_url=db_url, token="abcdefghijklmnop")  # 16: accepted
+    secret = tmp_path / "token"
+    secret.write_text("short\n")
+    with pytest.raises(ConfigError, match="DAPO_API_TOKEN_FILE.*at least 16"):
+        create_app(ApiSettings(redis_url=db_url, token_file=secret), rclient)
 
 
 def test_autostart_starts_once(db_url, rclient, idle, tmp_path):

@@ -36,10 +36,10 @@ def test_start_progress_pause_resume_stop(tmp_path, redis_server):
         tmp_path / "runs",
         trainer={"total_training_steps": 1000, "save_freq": 0, "runs_dir": str(tmp_path / "runs")},
     )
-    settings = ApiSettings(redis_url=redis_url, port=0, token="s3cret")
+    settings = ApiSettings(redis_url=redis_url, port=0, token="lifecycle-test-token-5e2d")
     app = create_app(settings, redis.Redis.from_url(redis_url))
     with serve_in_thread(app) as url:
-        api = DapoClient(url, token="s3cret")
+        api = DapoClient(url, token="lifecycle-test-token-5e2d")
         run_id = api.start_run(spec.model_dump(mode="json"))["run_id"]
         # services started without a run id follow the active run, as in a cluster
         stack = Stack(redis_url, "", Path(spec.trainer.runs_dir) / run_id, threads=1)
