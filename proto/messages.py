@@ -10,6 +10,7 @@ little-endian bytes (see ``proto.codec``), never as JSON lists.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated, ClassVar, Literal
 
@@ -277,7 +278,8 @@ class BatchStats(BaseModel):
 
 
 class TrainingBatch(Message):
-    """sampler -> learner: exactly train_batch_size groups."""
+    """Exactly train_batch_size groups, as the learner trains them: rebuilt from a
+    ``TrainingBatchRef`` (which is what travels on ``batches``) and the groups it names."""
 
     kind: ClassVar[str] = "training_batch"
     batch_id: int = Field(ge=0)
@@ -288,6 +290,48 @@ class TrainingBatch(Message):
     """How the batch was filled."""
     created_at: float = Field(default_factory=time.time)
     """Unix seconds."""
+
+
+SCORED_GROUP = "sampler"
+"""The consumer group of ``scored`` whose pending list holds the groups of published batches."""
+HELD_CONSUMER = "held"
+"""The consumer of ``SCORED_GROUP`` that owns the kept groups of published, not yet
+checkpointed batches: nobody reads as it, so they stay pending (and untrimmed) until the
+learner acknowledges them with their batch."""
+
+
+class TrainingBatchRef(Message):
+    """sampler -> learner, on ``batches``: a training batch by reference. The groups stay the
+    ``ScoredGroup`` entries the reward service wrote on ``scored``, pending in consumer group
+    ``SCORED_GROUP`` under ``HELD_CONSUMER`` until a checkpoint holds the batch; the learner
+    reads them by entry id and rebuilds the ``TrainingBatch``. A few dozen bytes per group,
+    whatever the responses' length."""
+
+    kind: ClassVar[str] = "training_batch_ref"
+    batch_id: int = Field(ge=0)
+    """Training step this batch is for (0-based); the idempotency key."""
+    entry_ids: list[str] = Field(min_length=1, max_length=1_000_000)
+    """Stream entry ids of the groups on ``scored``, in batch order."""
+    group_ids: list[str] = Field(min_length=1, max_length=1_000_000)
+    """Group id of each entry (``entry_ids[i]`` holds ``group_ids[i]``): checked on reading."""
+    stats: BatchStats = Field(default_factory=BatchStats)
+    """How the batch was filled."""
+    created_at: float = Field(default_factory=time.time)
+    """Unix seconds."""
+
+    @model_validator(mode="after")
+    def _aligned(self) -> TrainingBatchRef:
+        if len(self.entry_ids) != len(self.group_ids):
+            raise ValueError(f"{len(self.entry_ids)} entry ids for {len(self.group_ids)} groups")
+        if len(set(self.entry_ids)) != len(self.entry_ids):
+            raise ValueError("entry_ids repeat")
+        bad = [e for e in self.entry_ids if not _ENTRY_ID.fullmatch(e)][:3]
+        if bad:
+            raise ValueError(f"entry_ids {bad} are not stream entry ids '<ms>-<seq>'")
+        return self
+
+
+_ENTRY_ID = re.compile(r"\d{1,20}-\d{1,20}")
 
 
 class WeightVersion(Message):
@@ -324,7 +368,7 @@ STREAM_MESSAGES: dict[str, type[Message]] = {
     "prompts": PromptTask,
     "rollouts": RolloutGroup,
     "scored": ScoredGroup,
-    "batches": TrainingBatch,
+    "batches": TrainingBatchRef,
     "versions": WeightVersion,
     "weight_reports": WeightReport,
 }

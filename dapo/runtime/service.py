@@ -31,12 +31,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 from pydantic import ValidationError
 
 from dapo.data.dataset import DatasetError
 from dapo.runtime.config import ConfigError, ServiceSettings
 from dapo.runtime.health import HealthServer
+from dapo.runtime.profile import PhaseClock, TimedBus
 from dapo.runtime.runs import RunNotFound, Runs, RunStore, default_worker_id, register_service
 from dapo.transport.bus import Bus, BusSettings
 from dapo.transport.redis_bus import RedisBus, connect
@@ -135,8 +136,19 @@ class ServiceContext:
     _state: RunState | None = field(init=False, default=None)
     _state_at: float = field(init=False, default=0.0)
     _progress: Gauge = field(init=False, repr=False)
+    clock: PhaseClock = field(init=False, repr=False)
+    """Where the loop's time goes (``dapo.runtime.profile``): the bus is timed through it."""
+
+    def __setattr__(self, name: str, value) -> None:
+        # the shell (after an outage) and tests give a loop a new bus: it is timed too
+        if name == "bus" and "clock" in self.__dict__:
+            inner = value.inner if isinstance(value, TimedBus) else value
+            value = TimedBus(inner, self.clock)
+        object.__setattr__(self, name, value)
 
     def __post_init__(self) -> None:
+        self.clock = PhaseClock(self.registry, self.kind)
+        self.bus = self.bus
         # On the context's registry, so loops built over a bare context (tests) have it too;
         # set at start, so a service that never gets anything done still shows its age.
         self._progress = Gauge(
@@ -176,7 +188,8 @@ class ServiceContext:
         self._progress.set_to_current_time()
 
     def idle(self, seconds: float) -> None:
-        self.stop_event.wait(seconds)
+        with self.clock.phase("idle"):
+            self.stop_event.wait(seconds)
 
     def fail(self, error: str) -> None:
         """The run cannot go on because of this service: say why where the user looks."""
@@ -216,6 +229,7 @@ class ServiceRuntime:
         self._outages = Counter(
             "dapo_redis_outages", "Redis outages ridden out", ["service"], registry=registry
         ).labels(self.kind)
+        ProcessCollector(registry=registry)  # CPU seconds and memory of the process
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
         wait_for_redis(self.client)
@@ -263,6 +277,7 @@ class ServiceRuntime:
         """
         self._serving = True
         self._clear_startup_failures()
+        self.ctx.clock.start()  # the loop's time starts here, not at model loading
         while True:
             try:
                 loop()

@@ -142,7 +142,9 @@ def make_plan(
             "keep_rate": w.keep_rate,
         },
         "learner_gpu": _learner_gpu(spec, model, cluster, seq, resp),
-        "learner_host": _learner_host(spec, model, cluster, seq, resp, sizes["batches"]),
+        "learner_host": _learner_host(
+            spec, model, cluster, seq, resp, redis.batch_bytes(spec, prompt, resp)
+        ),
         "rollout_gpu": _rollout_gpu(spec, model, cluster, seq),
         "redis": red,
         "weights": {
@@ -172,10 +174,11 @@ def warnings(plan: dict, sizes: dict[str, int]) -> list[str]:
             "preempts and recomputes the others)"
         )
     for stream, size in sizes.items():
-        if size > redis.PROTO_MAX_BULK_LEN:
+        if size > redis.MAX_ENTRY_BYTES:
             out.append(
-                f"one {stream} entry is {size / (1 << 20):.0f} MiB, over Redis's "
-                f"proto-max-bulk-len ({redis.PROTO_MAX_BULK_LEN >> 20} MiB): XADD fails"
+                f"one {stream} entry is {size / (1 << 20):.0f} MiB, over the bus's "
+                f"max_entry_bytes ({redis.MAX_ENTRY_BYTES >> 20} MiB; Redis's "
+                f"proto-max-bulk-len is {redis.PROTO_MAX_BULK_LEN >> 20} MiB): publishing fails"
             )
     return out
 

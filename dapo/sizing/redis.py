@@ -2,19 +2,21 @@
 
 Sizes are not guessed: each stream entry's size is that of a real message of the planned
 shape encoded by ``proto.codec`` (a group of n samples of the planned response length; a
-batch from the increment of one group inside a real ``TrainingBatch``). The counts follow
-the data path as it is:
+batch reference of train_batch_size groups). The counts follow the data path as it is:
 
 - ``prompts``: the sampler keeps at most ``spec.in_flight_limit`` prompts dispatched and
   not yet scored (``trainer.max_in_flight``, 0 = 2 * train_batch_size);
 - ``rollouts``: each of those is at most one pending ``RolloutGroup``;
-- ``scored``: a kept group stays unacknowledged until its batch is published, and
+- ``scored``: a kept group stays unacknowledged while its batch is filled, then, held for
+  the learner, until the checkpoint after the batch is trained
+  (``services/learner/service.py`` acknowledges a batch and its groups together); and
   acknowledged entries can be trimmed only below the oldest unacknowledged one, so the
-  stream holds the groups scored since the oldest kept group of the batch being filled:
-  train_batch_size / keep_rate;
-- ``batches``: the learner acknowledges trained batches only at its next checkpoint
-  (``services/learner/service.py``), so up to ``save_freq`` batches (every batch of the run
-  when save_freq is 0) stay, plus the ``max_staleness + 1`` published ahead;
+  stream holds every group scored since the oldest kept group of the oldest batch not
+  yet checkpointed: up to ``save_freq`` trained batches (every batch of the run when
+  save_freq is 0), the ``max_staleness + 1`` published ahead and the one being filled,
+  each train_batch_size / keep_rate groups;
+- ``batches``: small references (``TrainingBatchRef``: entry and group ids), as many as
+  batches not yet checkpointed: up to ``save_freq`` plus the ``max_staleness + 1`` ahead;
 - every stream: a publisher trims its stream once per ``trim_every`` of its own publishes
   (``dapo.transport.bus.BusSettings.trim_every``), so up to that many acknowledged entries
   per publisher wait for the next trim.
@@ -37,6 +39,7 @@ from proto.messages import (
     ScoredGroup,
     ScoredSample,
     TrainingBatch,
+    TrainingBatchRef,
 )
 from proto.runspec import RunSpec
 
@@ -44,6 +47,8 @@ TRIM_EVERY = 64
 """Publishes between trims of a stream (``BusSettings.trim_every``)."""
 PROTO_MAX_BULK_LEN = 512 << 20
 """Redis's default ``proto-max-bulk-len``: a larger field cannot be written."""
+MAX_ENTRY_BYTES = 64 << 20
+"""Largest entry the bus publishes (``BusSettings.max_entry_bytes``)."""
 STREAM_NODE_MAX_BYTES = 4096
 """Redis's default ``stream-node-max-bytes``: smaller entries share a node."""
 AOF_REWRITE_MIN_BYTES = 64 << 20
@@ -129,8 +134,24 @@ def group_bytes(spec: RunSpec, prompt: int, resp: int, scored: bool) -> int:
     return encoded_bytes(group_message(spec, prompt, resp, scored))
 
 
+def batch_ref_bytes(spec: RunSpec) -> int:
+    """One encoded ``TrainingBatchRef`` of train_batch_size groups: a real one, with entry
+    ids as Redis writes them (milliseconds, sequence) and group ids as the sampler names
+    them (``<run_id>-<seq>``)."""
+    n = spec.data.train_batch_size
+    ref = TrainingBatchRef(
+        run_id="r" * 24,
+        batch_id=spec.trainer.total_training_steps,
+        entry_ids=[f"{int(STAMP * 1000) + i}-{i % 100}" for i in range(n)],
+        group_ids=[f"{'r' * 24}-{10_000_000 + i}" for i in range(n)],
+        created_at=STAMP,
+    )
+    return encoded_bytes(ref)
+
+
 def batch_bytes(spec: RunSpec, prompt: int, resp: int) -> int:
-    """One encoded ``TrainingBatch`` of train_batch_size groups: a real batch of one group,
+    """One encoded ``TrainingBatch`` of train_batch_size groups, as the learner rebuilds it
+    from a reference and its groups (what a learner rank holds): a real batch of one group,
     plus (train_batch_size - 1) times what a second group adds to it (the header's offsets
     grow by a digit now and then: the second group is a fair increment)."""
     one = group_message(spec, prompt, resp, scored=True)
@@ -144,8 +165,9 @@ def batch_bytes(spec: RunSpec, prompt: int, resp: int) -> int:
 
 def allocation_bytes(size: int) -> int:
     """What Redis's allocator (jemalloc) takes for ``size`` bytes: sizes in (2^k, 2^(k+1)]
-    are rounded up to a multiple of 2^(k-2), four size classes per doubling, so at most 25%
-    more. Entries under ``STREAM_NODE_MAX_BYTES`` share nodes and are taken as they are."""
+        are rounded up to a multiple of 2^(k-2), four size classes per doubling, so at most 25%
+        more. Up to ``STREAM_NODE_MAX_BYTES`` the size is taken as it is (``stream_bytes`` packs
+    such entries into nodes)."""
     if size <= STREAM_NODE_MAX_BYTES:
         return size
     step = 1 << max((size - 1).bit_length() - 3, 0)
@@ -165,9 +187,10 @@ def stream_entries(
     d, t = spec.data, spec.trainer
     in_flight = spec.in_flight_limit
     groups_total = math.ceil(t.total_training_steps * d.train_batch_size / keep_rate) + in_flight
-    held = math.ceil(d.train_batch_size / keep_rate)
     ahead = spec.algorithm.max_staleness + 1
     unacked = t.save_freq or t.total_training_steps
+    # trained and not checkpointed, published ahead, and the one being filled
+    held = math.ceil((unacked + ahead + 1) * d.train_batch_size / keep_rate)
     return {
         "prompts": min(in_flight + trim_every, groups_total),
         "rollouts": min(in_flight + trim_every * rollout_workers, groups_total),
@@ -182,13 +205,23 @@ def entry_sizes(spec: RunSpec, prompt: int, resp: int) -> dict[str, int]:
         "prompts": prompt_task_bytes(spec, prompt),
         "rollouts": group_bytes(spec, prompt, resp, scored=False),
         "scored": group_bytes(spec, prompt, resp, scored=True),
-        "batches": batch_bytes(spec, prompt, resp),
+        "batches": batch_ref_bytes(spec),
     }
 
 
 def stream_bytes(entries: dict[str, int], sizes: dict[str, int]) -> dict[str, int]:
-    """Memory of each stream: its entries times the allocation of one."""
-    return {name: entries[name] * allocation_bytes(sizes[name]) for name in entries}
+    """Memory of each stream. An entry larger than a node (``STREAM_NODE_MAX_BYTES``) takes
+    its own allocation; smaller ones share nodes, each filled to the limit plus the entry
+    that passes it, and a stream has at least one."""
+    out = {}
+    for name, count in entries.items():
+        size = sizes[name]
+        if size > STREAM_NODE_MAX_BYTES:
+            out[name] = count * allocation_bytes(size)
+        else:
+            nodes = max(math.ceil(count * size / STREAM_NODE_MAX_BYTES), 1)
+            out[name] = nodes * allocation_bytes(STREAM_NODE_MAX_BYTES + size)
+    return out
 
 
 def aof_volume_bytes(data_bytes: float) -> float:

@@ -41,6 +41,14 @@ The contract:
 - **Broadcast streams** (``versions``): ``read`` follows a stream without a
   group, every reader sees every entry; an entry it cannot decode is copied
   to the dead letters (once per reader) and skipped.
+- **Holding**: a commit may ``hold`` deliveries instead of acknowledging them: they
+  move, in the same atomic step, to the consumer ``holder`` of their group, which
+  nobody reads as. They stay pending (so no trim removes them) and are never handed
+  out again, until someone acknowledges them by entry id (a training batch refers to
+  its groups this way; ``fetch`` reads them).
+- **Bounded entries**: no entry larger than ``max_entry_bytes`` (well under Redis's
+  512 MiB ``proto-max-bulk-len``) is published: ``EntryTooLarge`` names the stream and
+  the size, and nothing of the commit happens.
 - **Bounded streams**: entries every group has acknowledged are trimmed;
   ``maxlen`` is a hard cap on top.
 """
@@ -70,6 +78,10 @@ DEAD_FIELD_BYTES = 64 << 10
 """How much of each original field a dead letter keeps."""
 ACCOUNT = "account"
 """The run's account hash (``proto.state.ACCOUNT_FIELDS``); dead-lettered prompts count there."""
+PROTO_MAX_BULK_LEN = 512 << 20
+"""Redis's default ``proto-max-bulk-len``: no field may be larger."""
+HOLDER = "held"
+"""Default consumer that held deliveries move to (``proto.messages.HELD_CONSUMER``)."""
 PROMPT_STREAMS = ("prompts", "rollouts", "scored")
 """Streams whose every message stands for one dispatched prompt (by its group id)."""
 
@@ -87,6 +99,10 @@ class BusSettings(BaseModel):
     """Deliveries after which an entry is dead-lettered."""
     dedupe_ttl_s: int = Field(7 * 24 * 3600, ge=1)
     """How long idempotency keys are remembered."""
+    max_entry_bytes: int = Field(64 << 20, ge=4096, le=PROTO_MAX_BULK_LEN // 2)
+    """Largest stream entry a publish may write (fields and values); Redis refuses any
+    field over its 512 MiB ``proto-max-bulk-len``, and an entry this size already costs
+    seconds to copy."""
 
 
 @dataclass(frozen=True)
@@ -136,10 +152,20 @@ class Bus(Protocol):
         ack: Sequence[Delivery] = (),
         counters: Mapping[str, int] | None = None,
         counter: str = STATS,
+        hold: Sequence[Delivery] = (),
+        holder: str = HOLDER,
     ) -> str | None:
-        """Atomically: publish ``msg`` (once per ``dedupe_key``), ack ``ack``, add ``counters``
-        to the run's counter hash ``counter``. With a dedupe key seen before nothing is
-        published or counted, but the acks still happen."""
+        """Atomically: publish ``msg`` (once per ``dedupe_key``), ack ``ack``, move ``hold`` to
+        consumer ``holder`` of their group, add ``counters`` to the run's counter hash
+        ``counter``. With a dedupe key seen before nothing is published or counted, but the
+        acks and moves still happen."""
+        ...
+
+    def fetch(
+        self, stream: str, entry_ids: Sequence[str], expected: type[M] | None = None
+    ) -> list[M | None]:
+        """The messages of entries ``entry_ids`` of ``stream`` (in one round trip), in order;
+        None for an entry that is gone or cannot be decoded."""
         ...
 
     def consume(
@@ -170,7 +196,10 @@ class Bus(Protocol):
         Entries no longer pending (acknowledged, or taken over meanwhile) are left alone."""
         ...
 
-    def ack_many(self, deliveries: Sequence[Delivery]) -> None: ...
+    def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Acknowledge all of ``deliveries``, of whatever streams and groups, as one atomic
+        step."""
+        ...
 
     def nack(self, delivery: Delivery, reason: str) -> None:
         """Processing failed: keep the entry pending for redelivery (dead-lettered after N)."""
@@ -194,6 +223,25 @@ class Bus(Protocol):
         ...
 
     def length(self, stream: str) -> int: ...
+
+
+class EntryTooLarge(ValueError):
+    """A message whose encoded entry exceeds ``BusSettings.max_entry_bytes``."""
+
+
+def entry_bytes(fields: Mapping) -> int:
+    """Bytes of a stream entry: its field names and values."""
+    return sum(len(k) + len(v) for k, v in fields.items())
+
+
+def check_entry_size(stream: str, msg: Message, fields: Mapping, limit: int) -> None:
+    """Raise ``EntryTooLarge`` when the encoded ``fields`` of ``msg`` exceed ``limit``."""
+    size = entry_bytes(fields)
+    if size > limit:
+        raise EntryTooLarge(
+            f"a {msg.kind} entry of {size} bytes ({size / 2**20:.1f} MiB) for stream "
+            f"{stream!r} exceeds max_entry_bytes={limit} ({limit / 2**20:.1f} MiB)"
+        )
 
 
 class FencedOut(RuntimeError):

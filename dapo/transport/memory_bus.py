@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 
 from dapo.transport.bus import (
     ACCOUNT,
+    HOLDER,
     STATS,
     BusSettings,
     Delivery,
     GroupLag,
     M,
+    check_entry_size,
     dead_letter_record,
     dead_prompt,
     id_tuple,
@@ -115,24 +117,53 @@ class MemoryBus:
         ack: Sequence[Delivery] = (),
         counters: Mapping[str, int] | None = None,
         counter: str = STATS,
+        hold: Sequence[Delivery] = (),
+        holder: str = HOLDER,
     ) -> str | None:
         if msg is not None and not stream:
             raise ValueError("commit: a message needs a stream")
-        if ack and len({(d.stream, d.group) for d in ack}) != 1:
-            raise ValueError("a commit acknowledges entries of one stream and group")
+        for sources in (ack, hold):
+            if sources and len({(d.stream, d.group) for d in sources}) != 1:
+                raise ValueError("a commit acknowledges (holds) entries of one stream and group")
+        fields = encode(msg) if msg is not None else None
+        if fields is not None:
+            check_entry_size(stream, msg, fields, self.settings.max_entry_bytes)
         with self._lock:
             fresh = dedupe_key is None or (stream, dedupe_key) not in self.broker.seen
             entry_id = None
             if msg is not None and fresh:
                 if dedupe_key is not None:
                     self.broker.seen.add((stream, dedupe_key))
-                entry_id = self.append(stream, encode(msg))
+                entry_id = self.append(stream, fields)
             self.ack_many(ack)
+            self._hold(hold, holder)
             if fresh:
                 hashed = self.broker.counters.setdefault(counter, {})
                 for name, delta in (counters or {}).items():
                     hashed[name] = hashed.get(name, 0) + int(delta)
             return entry_id
+
+    def _hold(self, deliveries: Sequence[Delivery], holder: str) -> None:
+        """Move pending entries to ``holder`` (as XCLAIM JUSTID: the delivery count stays)."""
+        for d in deliveries:
+            g = self.broker.groups.get((d.stream, d.group))
+            p = g.pending.get(id_tuple(d.entry_id)[0]) if g is not None else None
+            if p is not None:
+                p.consumer, p.delivered_at = holder, self.clock()
+
+    def fetch(
+        self, stream: str, entry_ids: Sequence[str], expected: type[M] | None = None
+    ) -> list[M | None]:
+        cls = expected or STREAM_MESSAGES[stream]
+        out: list[M | None] = []
+        with self._lock:
+            for entry_id in entry_ids:
+                fields = self.streams.get(stream, {}).get(id_tuple(entry_id)[0])
+                try:
+                    out.append(decode(fields, cls) if fields is not None else None)
+                except DecodeError:
+                    out.append(None)
+        return out
 
     def publish(self, stream: str, msg: Message, *, dedupe_key: str | None = None) -> str | None:
         return self.commit(stream=stream, msg=msg, dedupe_key=dedupe_key)

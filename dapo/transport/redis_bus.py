@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import redis
 
 from dapo.transport.bus import (
+    HOLDER,
     STATS,
     BusSettings,
     Delivery,
@@ -23,6 +24,7 @@ from dapo.transport.bus import (
     FencedOut,
     GroupLag,
     M,
+    check_entry_size,
     check_fence,
     id_tuple,
 )
@@ -74,28 +76,45 @@ class RedisBus(RedisDeadLetters):
         return "" if dedupe_key is None else run_key(self.run_id, "seen", stream, dedupe_key)
 
     # -- publish -------------------------------------------------------------
-    def _queue(self, pipe, fresh: bool, stream, msg, dedupe, ack, counters, counter):
+    def _queue(self, pipe, fresh: bool, item: tuple, dedupe: str, fields) -> None:
         """Queue one commit's commands on a MULTI pipeline (``fresh``: key not seen before)."""
+        stream, msg, _, ack, counters, counter, hold, holder = item
         if msg is not None and fresh:
             if dedupe:
                 pipe.set(dedupe, 1, ex=self.settings.dedupe_ttl_s)
-            pipe.xadd(self.key(stream), encode(msg), maxlen=self.settings.maxlen, approximate=True)
+            pipe.xadd(self.key(stream), fields, maxlen=self.settings.maxlen, approximate=True)
         if ack:
             pipe.xack(self.key(ack[0].stream), ack[0].group, *(d.entry_id for d in ack))
+        if hold:  # JUSTID: a move, not a delivery (the delivery count stays)
+            pipe.xclaim(self.key(hold[0].stream), hold[0].group, holder, 0,
+                        [d.entry_id for d in hold], justid=True)  # fmt: skip
         if fresh:
             for name, delta in (counters or {}).items():
                 pipe.hincrby(self.counter_key(counter), name, int(delta))
 
+    def _encode_all(self, items: list[tuple]) -> list:
+        """Each commit's encoded entry (None without a message), refused when too large."""
+        out = []
+        for st, m, _, ack, _, _, hold, _ in items:
+            for sources in (ack, hold):
+                if sources and len({(d.stream, d.group) for d in sources}) != 1:
+                    raise ValueError(
+                        "a commit acknowledges (holds) entries of one stream and group"
+                    )
+            fields = encode(m) if m is not None else None
+            if fields is not None:
+                check_entry_size(st, m, fields, self.settings.max_entry_bytes)
+            out.append(fields)
+        return out
+
     def _transaction(self, items: list[tuple]) -> list[str | None]:
-        """Run commits ``(stream, msg, dedupe_key, ack, counters, counter)`` as one
-        MULTI/EXEC. Idempotency keys are WATCHed: a concurrent publisher of the same key
+        """Run commits ``(stream, msg, dedupe_key, ack, counters, counter, hold, holder)`` as
+        one MULTI/EXEC. Idempotency keys are WATCHed: a concurrent publisher of the same key
         makes EXEC fail, and the retry then sees the key and publishes nothing."""
-        for _, _, _, ack, _, _ in items:
-            if ack and len({(d.stream, d.group) for d in ack}) != 1:
-                raise ValueError("a commit acknowledges entries of one stream and group")
+        encoded = self._encode_all(items)
         dedupes = [
-            self._dedupe(st, k) if m is not None and k is not None else ""
-            for st, m, k, _, _, _ in items
+            self._dedupe(it[0], it[2]) if it[1] is not None and it[2] is not None else ""
+            for it in items
         ]
         watched = [d for d in dedupes if d]
         with self.client.pipeline(transaction=True) as pipe:
@@ -112,11 +131,13 @@ class RedisBus(RedisDeadLetters):
                         seen = {d for d, hit in zip(watched, hits, strict=True) if hit}
                     pipe.multi()
                     marks = []
-                    for (st, m, _, ack, cnt, ckey), d in zip(items, dedupes, strict=True):
+                    for item, d, fields in zip(items, dedupes, encoded, strict=True):
                         fresh = not (d and d in seen)
                         before = len(pipe.command_stack)
-                        self._queue(pipe, fresh, st, m, d, ack, cnt, ckey)
-                        xadd_at = before + (1 if d else 0) if m is not None and fresh else None
+                        self._queue(pipe, fresh, item, d, fields)
+                        xadd_at = (
+                            before + (1 if d else 0) if item[1] is not None and fresh else None
+                        )
                         marks.append(xadd_at)
                     results = pipe.execute()
                     break
@@ -138,10 +159,13 @@ class RedisBus(RedisDeadLetters):
         ack: Sequence[Delivery] = (),
         counters: Mapping[str, int] | None = None,
         counter: str = STATS,
+        hold: Sequence[Delivery] = (),
+        holder: str = HOLDER,
     ) -> str | None:
         if msg is not None and not stream:
             raise ValueError("commit: a message needs a stream")
-        return self._transaction([(stream, msg, dedupe_key, list(ack), counters, counter)])[0]
+        item = (stream, msg, dedupe_key, list(ack), counters, counter, list(hold), holder)
+        return self._transaction([item])[0]
 
     def publish_many(
         self,
@@ -154,21 +178,40 @@ class RedisBus(RedisDeadLetters):
         dedupe_keys = dedupe_keys or [None] * len(msgs)
         acks = acks or [None] * len(msgs)
         items = [
-            (stream, m, k, [d] if d is not None else [], None, STATS)
+            (stream, m, k, [d] if d is not None else [], None, STATS, [], HOLDER)
             for m, k, d in zip(msgs, dedupe_keys, acks, strict=True)
         ]
         return self._transaction(items) if items else []
 
     def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """All of ``deliveries`` in one transaction (a batch and its held groups go together);
+        fenced like every write of a fenced client."""
         by_source: dict[tuple[str, str], list[Delivery]] = {}
         for d in deliveries:
             by_source.setdefault((d.stream, d.group), []).append(d)
-        for acks in by_source.values():
-            if self.fence is not None:  # an ack is a write like any other: fenced
-                self._transaction([(None, None, None, acks, None, STATS)])
-            else:
-                self.client.xack(self.key(acks[0].stream), acks[0].group,
-                                 *(d.entry_id for d in acks))  # fmt: skip
+        items = [(None, None, None, acks, None, STATS, [], HOLDER) for acks in by_source.values()]
+        if items:
+            self._transaction(items)
+
+    def fetch(
+        self, stream: str, entry_ids: Sequence[str], expected: type[M] | None = None
+    ) -> list[M | None]:
+        """One pipelined XRANGE per id (no transaction: a read)."""
+        cls = expected or STREAM_MESSAGES[stream]
+        with self.client.pipeline(transaction=False) as pipe:
+            for entry_id in entry_ids:
+                pipe.xrange(self.key(stream), min=entry_id, max=entry_id)
+            replies = pipe.execute()
+        out: list[M | None] = []
+        for entry_id, reply in zip(entry_ids, replies, strict=True):
+            msg = None
+            if reply:
+                try:
+                    msg = decode(reply[0][1], cls)
+                except DecodeError as exc:
+                    log.error("%s entry %s cannot be read: %s", stream, entry_id, exc)
+            out.append(msg)
+        return out
 
     def publish(self, stream: str, msg: Message, *, dedupe_key: str | None = None) -> str | None:
         """Append ``msg``; returns its entry id, or None if ``dedupe_key`` was seen before."""

@@ -1,5 +1,10 @@
 """The learner's loop: batches in, optimizer steps, weights out, checkpoints on disk.
 
+Batches arrive by reference (``TrainingBatchRef``): the learner reads the groups
+from ``scored`` by entry id, where they stay pending under the sampler group's holder
+consumer until the batch is acknowledged; the batch and its groups are acknowledged
+together, in one transaction, so neither outlives the other.
+
 Exactly-once training across crashes: a batch is acknowledged only once a
 checkpoint containing its update is on disk. A restarted learner (same
 consumer name) resumes from the newest checkpoint and is handed back every
@@ -35,8 +40,9 @@ from dapo.runtime.service import ServiceContext
 from dapo.tracking import Trackers
 from dapo.transport.bus import Delivery
 from dapo.weights.registry import WeightSyncError
-from proto.messages import TrainingBatch, WeightVersion
+from proto.messages import TrainingBatchRef, WeightVersion
 from proto.state import StepReport
+from services.learner.batch_refs import read_batch, with_groups
 from services.learner.checkpoint import newest_checkpoint, prune_checkpoints
 from services.learner.metrics import LearnerMetrics
 from services.learner.seams import Tokenizer, TrainablePolicy, WeightBroadcaster
@@ -185,7 +191,7 @@ class LearnerLoop:
         self._ckpt_step = self.step
         self.sender.publish_checkpoint(self.policy.version, str(self.last_ckpt))
         if self.held:
-            self.rt.bus.ack_many(self.held)
+            self.rt.bus.ack_many([a for d in self.held for a in with_groups(d)])
             self.held.clear()
         prune_checkpoints(self.ckpt_root, self.keep_checkpoints)
         log.info("checkpoint %s (version %d)", self.last_ckpt.name, self.policy.version)
@@ -207,18 +213,15 @@ class LearnerLoop:
             self.rt.fail(reason)
             raise CheckpointDiskFull(reason) from exc
 
-    def foreign(self, batch: TrainingBatch) -> str | None:
-        """Why ``batch`` cannot be one the run's sampler published, or None."""
-        if batch.run_id != self.rt.run_id:
-            return f"batch of run {batch.run_id!r}, not {self.rt.run_id!r}"
-        if not batch.groups:
-            return "batch without groups"
-        ids = [g.group_id for g in batch.groups]
-        if len(set(ids)) != len(ids) or any(g.run_id != batch.run_id for g in batch.groups):
-            return "batch whose groups repeat or belong to another run"
+    def foreign(self, ref: TrainingBatchRef) -> str | None:
+        """Why ``ref`` cannot be one the run's sampler published, or None."""
+        if ref.run_id != self.rt.run_id:
+            return f"batch of run {ref.run_id!r}, not {self.rt.run_id!r}"
+        if len(set(ref.group_ids)) != len(ref.group_ids):
+            return "batch whose groups repeat"
         return None
 
-    def set_aside(self, d: Delivery[TrainingBatch]) -> bool:
+    def set_aside(self, d: Delivery[TrainingBatchRef]) -> bool:
         """Deal with a batch not to be trained now: another run's (dead-lettered), one a
         checkpoint holds (acknowledged), one trained since the last checkpoint (held), one
         ahead of its turn (the pending list is read again). False: train it."""
@@ -231,7 +234,7 @@ class LearnerLoop:
             if batch.batch_id < self._ckpt_step:
                 log.info("batch %d already in checkpoint at step %d: skipped",
                          batch.batch_id, self._ckpt_step)  # fmt: skip
-                self.rt.bus.ack(d)
+                self.rt.bus.ack_many(with_groups(d))
             else:  # trained since the last checkpoint: acknowledged by the next one
                 log.info("batch %d already trained at step %d: held", batch.batch_id, self.step)
                 self.held.append(d)
@@ -247,10 +250,15 @@ class LearnerLoop:
             return True
         return False
 
-    def handle(self, d: Delivery[TrainingBatch]) -> None:
+    def handle(self, d: Delivery[TrainingBatchRef]) -> None:
         if self.set_aside(d):
             return
-        batch = d.message
+        try:
+            batch = read_batch(self.rt.bus, d.message)
+        except ValueError as exc:
+            log.error("batch entry %s rejected: %s", d.entry_id, exc)
+            self.rt.bus.reject(d, str(exc))
+            return
         t0 = time.perf_counter()
         version_before = self.policy.version
         figures = self.policy.train_batch(batch)

@@ -7,6 +7,13 @@ so far fixes the epoch and position), and kept groups waiting for a batch stay
 back. Every dispatch, filter decision and batch is one atomic bus commit that
 acks its inputs and bumps the account together.
 
+A batch travels by reference (``TrainingBatchRef``: its groups' entry ids on
+``scored``), so no entry grows with the batch. Publishing it moves its groups, in
+the same commit, from this sampler's pending list to the consumer ``held`` of the
+``sampler`` group: still pending (a trim keeps them), never handed to a sampler
+again; the learner reads them by id and acknowledges them with the batch once a
+checkpoint holds it.
+
 Hostile input is set aside one message at a time: a scored group of another run,
 or one whose classification fails, is dead-lettered alone (a dead-lettered prompt of the run counts as ``dead`` in the account and
 frees its in-flight slot); a ``versions`` entry it cannot decode is skipped and
@@ -26,11 +33,13 @@ from dapo.data.prompts import PromptSource
 from dapo.runtime.service import ServiceContext
 from dapo.transport.bus import Delivery, handle_each
 from proto.messages import (
+    HELD_CONSUMER,
+    SCORED_GROUP,
     BatchStats,
     PromptTask,
     SamplingParams,
     ScoredGroup,
-    TrainingBatch,
+    TrainingBatchRef,
 )
 from proto.runspec import RunSpec
 from proto.state import account_from_counters
@@ -229,10 +238,11 @@ class Sampler:
         groups = [g for g, _ in items]
         version = self.train_version(acc["batches"])
         lag = float(np.mean([version - g.policy_version for g in groups]))
-        batch = TrainingBatch(
+        batch = TrainingBatchRef(
             run_id=self.rt.run_id,
             batch_id=acc["batches"],
-            groups=groups,
+            entry_ids=[d.entry_id for _, d in items],
+            group_ids=[g.group_id for g in groups],
             stats=BatchStats(
                 gen_rounds=gen_rounds(
                     acc["scored_since_batch"] + len(groups), self.spec.data.train_batch_size
@@ -241,11 +251,14 @@ class Sampler:
                 **self._stats,
             ),
         )
+        # the groups are not acknowledged but handed to the holder consumer, in the same
+        # step as the reference: pending, so never trimmed, never read again by a sampler
         self.rt.bus.commit(
             stream="batches",
             msg=batch,
             dedupe_key=f"batch-{batch.batch_id}",
-            ack=[d for _, d in items],
+            hold=[d for _, d in items],
+            holder=HELD_CONSUMER,
             counter=ACCOUNT,
             counters={
                 "trained": len(groups),
@@ -263,7 +276,7 @@ class Sampler:
         self.refresh_versions()
         self.dispatch()
         got = self.rt.bus.consume(
-            "scored", "sampler", self.consumer, count=256, block_ms=200, reclaim=False
+            "scored", SCORED_GROUP, self.consumer, count=256, block_ms=200, reclaim=False
         )
         self.absorb(got, self.train_version(self.account()["batches"]))
         while self.maybe_publish_batch():

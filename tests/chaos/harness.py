@@ -19,8 +19,8 @@ import redis
 from dapo.transport.redis_embed import find_redis_server, free_port
 from proto.codec import DecodeError, decode, encode
 from proto.keys import run_key
-from proto.messages import STREAM_MESSAGES, TrainingBatch
-from tests.factories import prompt_task, rollout_group, scored_group, training_batch, weight_version
+from proto.messages import HELD_CONSUMER, STREAM_MESSAGES, TrainingBatchRef
+from tests.factories import prompt_task, rollout_group, scored_group, weight_version
 
 CHART_VALUES = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "values.yaml"
 
@@ -103,8 +103,8 @@ def poison(run_id: str, n: int) -> dict[str, list[dict]]:
         ),
         "rollouts": rollout_group(run_id, f"poison-r{n}", [[-1, 65], [65, 256]]),
         "scored": scored_group(stranger, f"poison-s{n}", [True, False]),
-        "batches": training_batch(
-            stranger, 0, [scored_group(stranger, f"poison-b{n}", [True, False])]
+        "batches": TrainingBatchRef(
+            run_id=stranger, batch_id=0, entry_ids=["1-0"], group_ids=[f"poison-b{n}"]
         ),
         "versions": weight_version(stranger, 10**6),
     }
@@ -144,7 +144,7 @@ class BatchObserver(threading.Thread):
         super().__init__(daemon=True, name="batch-observer")
         self.client = redis.Redis.from_url(url, socket_timeout=3.0, socket_connect_timeout=1.0)
         self.key, self.run_id = run_key(run_id, "batches"), run_id
-        self.batches: list[TrainingBatch] = []
+        self.batches: list[TrainingBatchRef] = []
         self.halt = threading.Event()
         self.client.xgroup_create(self.key, self.GROUP, id="0", mkstream=True)
 
@@ -162,7 +162,7 @@ class BatchObserver(threading.Thread):
         entries = [e for _, batch in resp or [] for e in batch]
         for entry_id, fields in entries:
             try:
-                msg = decode(fields, TrainingBatch)
+                msg = decode(fields, TrainingBatchRef)
             except DecodeError:
                 pass
             else:
@@ -186,7 +186,9 @@ def prompts_on_streams(client: redis.Redis, run_id: str) -> int:
     for stream, group in (("prompts", "rollout"), ("rollouts", "reward"), ("scored", "sampler")):
         key = run_key(run_id, stream)
         info = {g["name"].decode(): g for g in client.xinfo_groups(key)}[group]
-        ids = [r["message_id"] for r in client.xpending_range(key, group, "-", "+", 100_000)]
+        rows = client.xpending_range(key, group, "-", "+", 100_000)
+        # groups of published batches wait, held, for the learner's checkpoint: trained
+        ids = [r["message_id"] for r in rows if r["consumer"].decode() != HELD_CONSUMER]
         waiting = [e for e in client.xrange(key, min=f"({info['last-delivered-id'].decode()}")]
         entries = [e for i in ids for e in client.xrange(key, i, i)] + waiting
         for _, fields in entries:

@@ -254,7 +254,7 @@ def check_outcome(store, stack, observer, chaos, status, stuck, batch_size) -> N
     trained_ids = [r["batch_id"] for r in history]
     groups_of = {}
     for b in observer.batches:
-        groups_of.setdefault(b.batch_id, []).append([g.group_id for g in b.groups])
+        groups_of.setdefault(b.batch_id, []).append(list(b.group_ids))
     trained_groups = [g for bid in trained_ids for g in groups_of.get(bid, [[]])[-1]]
     in_flight = prompts_on_streams(client, run_id)
     resolved = (account["trained"] + account["filtered_all_correct"]

@@ -23,7 +23,7 @@ from services.rollout.service import RolloutWorker
 from services.sampler.service import Sampler, SamplerMetrics
 from tests.e2e_helpers import make_dataset, make_model_dir, small_spec
 from tests.factories import prompt_task, rollout_group, scored_group
-from tests.services.learner.test_service import batch, start_learner, train_next
+from tests.services.learner.test_service import batch, publish_batch, start_learner, train_next
 
 SPEC = RunSpec.model_validate(
     {
@@ -120,6 +120,6 @@ def test_learner_progresses_per_trained_step(model_dir, tmp_path):
     clock = Clock(loop.rt)
     loop.broadcast()  # sending weights trains nothing
     assert not clock.moved()
-    bus.publish("batches", batch(run_id, 0))
+    publish_batch(bus, batch(run_id, 0))
     train_next(loop)
     assert clock.moved() and loop.step == 1

@@ -13,7 +13,7 @@ import redis
 
 from proto.codec import decode
 from proto.keys import run_key
-from proto.messages import TrainingBatch
+from proto.messages import ScoredGroup, TrainingBatchRef
 from proto.runspec import RunSpec
 from tests.e2e_helpers import make_dataset, make_model_dir, small_spec, start_run, wait_status
 
@@ -56,22 +56,37 @@ def stream_bytes(client: redis.Redis, run_id: str) -> dict[str, int]:
     }
 
 
-def _watch(client, run_id, peaks: dict[str, int], stop: threading.Event) -> None:
+def _read_scored(client, run_id, seen: dict[str, tuple[int, list[int]]], after: str) -> str:
+    """Groups written on ``scored`` after entry ``after``: (prompt tokens, response tokens)
+    by entry id. A kept group stays on the stream at least until the checkpoint after its
+    batch, so a reader that keeps up sees every one a batch refers to."""
+    for entry_id, fields in client.xrange(run_key(run_id, "scored"), min=f"({after}"):
+        after = entry_id.decode()
+        group = decode(fields, ScoredGroup)
+        seen[after] = (group.prompt_ids.size, [s.response_ids.size for s in group.samples])
+    return after
+
+
+def _watch(client, run_id, peaks: dict[str, int], groups: dict, stop: threading.Event) -> None:
+    after = "0-0"
     while not stop.wait(0.05):
         now = stream_bytes(client, run_id)
         peaks["total"] = max(peaks.get("total", 0), sum(now.values()))
         for name, used in now.items():
             peaks[name] = max(peaks.get(name, 0), used)
+        after = _read_scored(client, run_id, groups, after)
 
 
-def _lengths(client, run_id) -> tuple[float, float, int]:
+def _lengths(client, run_id, groups: dict) -> tuple[float, float, int]:
+    """Mean prompt and response tokens of the trained samples: the groups the batch
+    references name."""
     prompts, responses = [], []
     entries = client.xrange(run_key(run_id, "batches"))
     for _, fields in entries:
-        for group in decode(fields, TrainingBatch).groups:
-            for s in group.samples:
-                prompts.append(group.prompt_ids.size)
-                responses.append(s.response_ids.size)
+        for entry_id in decode(fields, TrainingBatchRef).entry_ids:
+            prompt, lengths = groups[entry_id]
+            prompts += [prompt] * len(lengths)
+            responses += lengths
     return float(np.mean(prompts)), float(np.mean(responses)), len(entries)
 
 
@@ -81,8 +96,9 @@ def measure_run(folder: Path, redis_url: str) -> MeasuredRun:
     client = redis.Redis.from_url(redis_url)
     store, stack = start_run(redis_url, spec, rollout_workers=1)
     peaks: dict[str, int] = {}
+    groups: dict[str, tuple[int, list[int]]] = {}
     stop = threading.Event()
-    watcher = threading.Thread(target=_watch, args=(client, stack.run_id, peaks, stop))
+    watcher = threading.Thread(target=_watch, args=(client, stack.run_id, peaks, groups, stop))
     watcher.start()
     try:
         assert wait_status(store, stack, stack.run_id, {"completed"}, timeout_s=240) == "completed"
@@ -90,7 +106,7 @@ def measure_run(folder: Path, redis_url: str) -> MeasuredRun:
         stop.set()
         watcher.join()
         stack.stop()
-    prompt, response, left = _lengths(client, stack.run_id)
+    prompt, response, left = _lengths(client, stack.run_id, groups)
     acc = store.account(stack.run_id)
     filtered = acc["filtered_all_correct"] + acc["filtered_all_wrong"]
     keep = acc["trained"] / max(acc["trained"] + filtered, 1)

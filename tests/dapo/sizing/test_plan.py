@@ -55,10 +55,20 @@ def test_shorter_answers_need_less_everywhere():
 def test_warnings_say_what_does_not_fit():
     said = " ".join(plan()["warnings"])
     assert "learner GPU needs" in said  # 8 x 80 GiB at 20k-token answers
-    assert "over Redis's proto-max-bulk-len" in said and "batches" in said
+    assert "max_entry_bytes" not in said  # a batch travels as a reference to its groups
     assert "rollout GPU holds the KV cache of" in said
     roomy = plan(learner_gpus=64, learner_nodes=8, gpu_memory_gib=1000)
     assert not any("learner GPU" in w for w in roomy["warnings"])
+
+
+def test_no_entry_of_the_32b_recipe_nears_the_bound_and_a_huge_group_is_told():
+    red = plan()["redis"]
+    assert red["entry_mib.batches"] < 0.1  # 512 groups by reference
+    assert max(v for k, v in red.items() if k.startswith("entry_mib.")) < 64 / 16
+    # 16 answers of 600k tokens: one scored group alone is over the bus's bound
+    huge = make_plan(SPEC, MODEL, ClusterShape(), Workload(response_tokens=600_000))
+    said = " ".join(huge["warnings"])
+    assert "one scored entry is" in said and "max_entry_bytes (64 MiB" in said
 
 
 def test_chart_values_round_the_plan_up():

@@ -7,7 +7,7 @@ import pytest
 from dapo.sizing import redis as sz
 from dapo.transport.bus import BusSettings
 from proto.codec import encode
-from proto.messages import TrainingBatch
+from proto.messages import TrainingBatch, TrainingBatchRef
 from proto.runspec import RunSpec
 
 
@@ -51,6 +51,13 @@ def test_allocation_follows_jemalloc_size_classes(size, taken):
     assert sz.allocation_bytes(size) == taken
 
 
+def test_small_entries_share_nodes_and_a_stream_has_one_at_least():
+    # 10 references of 443 bytes fill two 4 KiB nodes, each passed by one entry
+    assert sz.stream_bytes({"b": 10}, {"b": 443}) == {"b": 2 * sz.allocation_bytes(4096 + 443)}
+    assert sz.stream_bytes({"b": 1}, {"b": 40}) == {"b": sz.allocation_bytes(4096 + 40)}
+    assert sz.stream_bytes({"s": 3}, {"s": 5000}) == {"s": 3 * sz.allocation_bytes(5000)}
+
+
 def test_allocation_wastes_at_most_a_quarter():
     for size in range(4097, 1 << 22, 7919):
         assert size <= sz.allocation_bytes(size) <= 1.25 * size
@@ -63,9 +70,23 @@ def test_entry_counts_follow_the_data_path():
     assert got == {
         "prompts": in_flight + sz.TRIM_EVERY,
         "rollouts": in_flight + 3 * sz.TRIM_EVERY,
-        "scored": 8 * 2 + 2 * sz.TRIM_EVERY,
+        # the groups of 20 trained batches (save_freq), 2 ahead (max_staleness 1 + 1) and
+        # the one being filled, at keep rate 0.5; then two reward replicas' trim lag
+        "scored": (20 + 2 + 1) * 8 * 2 + 2 * sz.TRIM_EVERY,
         "batches": 20 + 2 + sz.TRIM_EVERY,  # save_freq, max_staleness 1 + 1, trim lag
     }
+
+
+def test_a_batch_entry_is_a_small_reference_whatever_the_responses():
+    s = spec()
+    groups = [f"{'r' * 24}-{10_000_000 + i}" for i in range(8)]
+    real = TrainingBatchRef(run_id="r" * 24, batch_id=1000, group_ids=groups,
+                            entry_ids=[f"{1764000000123 + i}-{i}" for i in range(8)])  # fmt: skip
+    size = sum(len(k) + len(v) for k, v in encode(real).items())
+    assert abs(sz.batch_ref_bytes(s) - size) <= 16  # the stamp's digits may differ
+    assert sz.entry_sizes(s, 64, 20_480)["batches"] == sz.entry_sizes(s, 64, 16)["batches"]
+    # a few dozen bytes per group, against the megabytes of the groups themselves
+    assert sz.batch_ref_bytes(s) < 200 * 8 < sz.batch_bytes(s, 64, 256) / 10
 
 
 def test_a_run_without_checkpoints_keeps_every_batch_and_short_runs_are_capped():
@@ -80,6 +101,7 @@ def test_constants_are_the_codes():
     from services.learner import logprobs, model_init
 
     assert sz.TRIM_EVERY == BusSettings().trim_every
+    assert sz.MAX_ENTRY_BYTES == BusSettings().max_entry_bytes
     assert learner.LOGPROB_CHUNK == logprobs.CHUNK
     assert learner.LOAD_BATCH_BYTES == model_init.LOAD_BATCH_BYTES
 

@@ -6,6 +6,7 @@ learner trains, ``dapo up`` evaluates again), so each test opens the backend thr
 from __future__ import annotations
 
 import glob
+import time
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,17 @@ def test_mlflow_follows_the_tracking_uri(tmp_path, monkeypatch):
     assert glob.glob(str(elsewhere / "*" / "*" / "metrics" / "loss"))
 
 
+def _exited(path: Path) -> bool:
+    from google.protobuf.message import DecodeError
+
+    from tests.dapo.tracking.wandb_records import read_run
+
+    try:
+        return read_run(path)["exited"]
+    except DecodeError:  # a record still being written
+        return False
+
+
 def test_wandb_offline_run(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from tests.dapo.tracking.wandb_records import read_run
@@ -105,6 +117,12 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     lifecycle("wandb", tmp_path)
     files = sorted(glob.glob(str(tmp_path / "wandb" / "offline-run-*" / f"run-{RUN_ID}.wandb")))
     assert len(files) == 3  # offline, each process writes its own run folder, same run id
+    # W&B's core process writes the log behind the client: a file is whole once it holds
+    # the run's exit record, which may land a moment after finish() returned on a busy host
+    deadline = time.monotonic() + 60
+    while not all(_exited(Path(f)) for f in files):
+        assert time.monotonic() < deadline, "a W&B run log never got its exit record"
+        time.sleep(0.2)
     runs = [read_run(Path(f)) for f in files]
     for run in runs:
         assert (run["run"].run_id, run["run"].project) == (RUN_ID, "dapo-tests")

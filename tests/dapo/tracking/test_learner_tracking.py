@@ -17,7 +17,7 @@ from proto.runspec import RunSpec
 from services.learner.main import run_trackers
 from tests.dapo.tracking.test_trackers import Broken, Recorder
 from tests.e2e_helpers import make_dataset, make_model_dir, metrics_lines, small_spec
-from tests.services.learner.test_service import batch, start_learner, train_next
+from tests.services.learner.test_service import batch, publish_batch, start_learner, train_next
 
 
 def test_each_step_reaches_the_trackers_and_a_failing_one_is_only_counted(tmp_path):
@@ -30,7 +30,7 @@ def test_each_step_reaches_the_trackers_and_a_failing_one_is_only_counted(tmp_pa
     store.set_status(run_id, "running")
     bus = MemoryBus(run_id)
     for i in range(2):
-        bus.publish("batches", batch(run_id, i))
+        publish_batch(bus, batch(run_id, i))
     loop = start_learner(spec, store, bus)
     recorder = Recorder()
     loop.trackers = Trackers([Broken(), recorder])

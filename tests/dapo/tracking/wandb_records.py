@@ -47,14 +47,16 @@ def raw_records(path: Path) -> list[bytes]:
 
 
 def read_run(path: Path) -> dict:
-    """``{"run": Record.run, "config": {...}, "history": [{key: value}, ...]}``."""
+    """``{"run": Record.run, "config": {...}, "history": [{key: value}, ...], "exited": bool}``
+    (``exited``: the log holds the run's exit record, W&B's last)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    run, config, history = None, {}, []
+    run, config, history, exited = None, {}, [], False
     for raw in raw_records(path):
         record = pb.Record()
         record.ParseFromString(raw)
         kind = record.WhichOneof("record_type")
+        exited = exited or kind == "exit"
         if kind == "run":
             run = record.run
             updates = record.run.config.update
@@ -70,4 +72,4 @@ def read_run(path: Path) -> dict:
                 key = item.key or "/".join(item.nested_key)
                 row[key] = json.loads(item.value_json)
             history.append(row)
-    return {"run": run, "config": config, "history": history}
+    return {"run": run, "config": config, "history": history, "exited": exited}

@@ -14,8 +14,9 @@ from dapo.transport.bus import ACCOUNT, BusSettings, FencedOut, GroupLag, handle
 from dapo.transport.memory_bus import MemoryBroker, MemoryBus
 from dapo.transport.redis_bus import RedisBus
 from proto.codec import encode
+from proto.messages import TrainingBatchRef
 from proto.state import account_from_counters
-from tests.factories import prompt_task, scored_group, training_batch, weight_version
+from tests.factories import prompt_task, weight_version
 
 
 @pytest.fixture(params=["redis", "memory"])
@@ -183,7 +184,8 @@ def test_a_fenced_consumer_reads_nothing_once_its_lease_has_moved_on(redis_url, 
     client.set(lease, b"1:learner-0@old")
     old = RedisBus(client, run_id, fence=(lease, b"1:learner-0@old"))
     for seq in range(3):
-        old.publish("batches", training_batch(run_id, seq, [scored_group(run_id, "g", [1, 0])]))
+        ref = TrainingBatchRef(run_id=run_id, batch_id=seq, entry_ids=["1-0"], group_ids=["g"])
+        old.publish("batches", ref)
     (first,) = old.consume("batches", "learner", "learner-0", count=1, block_ms=10, reclaim=False)
     assert first.message.batch_id == 0
     client.set(lease, b"2:learner-0@new")  # a successor took the lease

@@ -26,7 +26,7 @@ from services.learner.policy import build_policy
 from services.learner.ranks import SoloRanks
 from services.learner.service import CONSUMER, LearnerLoop
 from tests.e2e_helpers import make_dataset, make_model_dir, small_spec
-from tests.services.learner.test_service import announced, batch
+from tests.services.learner.test_service import announced, batch, publish_batch
 
 
 def worker_main(url: str, run_id: str, layout_json: str, out: str) -> None:
@@ -64,7 +64,7 @@ def test_the_next_step_trains_while_the_previous_version_is_sent(tmp_path, redis
     store.set_status(run_id, "running")
     bus = MemoryBus(run_id)
     for i in range(2):
-        bus.publish("batches", batch(run_id, i))
+        publish_batch(bus, batch(run_id, i))
     tokenizer = load_tokenizer(spec.model, None)
     policy, _ = build_policy(spec, None, None, pad_token_id(tokenizer), SoloRanks("cpu"))
     model = policy.trainer.model

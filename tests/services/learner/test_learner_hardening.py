@@ -25,7 +25,7 @@ from services.learner.service import (
     drop_torn_line,
 )
 from tests.e2e_helpers import make_dataset, make_model_dir, metrics_lines, small_spec
-from tests.services.learner.test_service import batch, start_learner, train_next
+from tests.services.learner.test_service import batch, publish_batch, start_learner, train_next
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_a_resumed_learner_never_acks_a_batch_before_a_checkpoint_holds_it(
 ):
     spec, store, run_id = new_run(redis_url, model_dir, tmp_path, tmp_path / "runs", total=6)
     bus = RedisBus(store.client, run_id)
-    ids = [bus.publish("batches", batch(run_id, i)) for i in range(3)]
+    ids = [publish_batch(bus, batch(run_id, i)) for i in range(3)]
     first = start_learner(spec, store, bus)
     for _ in range(3):  # batches 0, 1 (checkpoint at step 2), 2 (held) ... then a crash
         train_next(first)
@@ -65,10 +65,10 @@ def test_a_resumed_learner_never_acks_a_batch_before_a_checkpoint_holds_it(
     assert pending_ids(bus) == [ids[2]]  # ... and held, not acknowledged
     # the sampler sends batch 2 once more (its idempotency key was lost with Redis' last
     # second): neither trained again nor acknowledged before a checkpoint holds it
-    again = bus.publish("batches", batch(run_id, 2))
+    again = publish_batch(bus, batch(run_id, 2))
     assert train_next(second).batch_id == 2 and second.step == 3
     assert pending_ids(bus) == [ids[2], again]
-    three = bus.publish("batches", batch(run_id, 3))
+    three = publish_batch(bus, batch(run_id, 3))
     assert train_next(second).batch_id == 3 and second.step == 4  # checkpoint at step 4
     assert pending_ids(bus) == []
     # its own pending list was handed out once: nothing comes back in this life
@@ -85,8 +85,8 @@ def test_a_batch_of_another_run_is_dead_lettered_and_training_goes_on(
 ):
     spec, store, run_id = new_run(redis_url, model_dir, tmp_path, tmp_path / "runs", total=2)
     bus = RedisBus(store.client, run_id)
-    bus.publish("batches", batch("someone-else", 0))
-    bus.publish("batches", batch(run_id, 0))
+    publish_batch(bus, batch("someone-else", 0))
+    publish_batch(bus, batch(run_id, 0))
     loop = start_learner(spec, store, bus)
     train_next(loop)
     assert loop.step == 0 and bus.dead_count("batches") == 1
@@ -131,7 +131,7 @@ def test_a_full_checkpoint_disk_prunes_old_checkpoints_and_saves(
     spec, store, run_id = new_run(redis_url, model_dir, tmp_path, runs, total=3, save_freq=1)
     bus = RedisBus(store.client, run_id)
     for i in range(3):
-        bus.publish("batches", batch(run_id, i))
+        publish_batch(bus, batch(run_id, i))
     loop = start_learner(spec, store, bus)
     train_next(loop)
     train_next(loop)
@@ -157,7 +157,7 @@ def test_no_room_even_after_pruning_fails_the_run_with_the_reason(
     spec, store, run_id = new_run(redis_url, model_dir, tmp_path, runs, total=3, save_freq=2)
     bus = RedisBus(store.client, run_id)
     for i in range(2):
-        bus.publish("batches", batch(run_id, i))
+        publish_batch(bus, batch(run_id, i))
     loop = start_learner(spec, store, bus)
     train_next(loop)  # step 1, no checkpoint: nothing to prune later
     fill(runs, leave=16 << 10)  # room for a metrics line only
@@ -205,10 +205,10 @@ def test_a_batch_taken_by_a_former_learner_is_found_and_trained_in_turn(
                        reclaim=False) == []  # fmt: skip
     # a learner that lost its lease (an unfenced client here) takes batch 0 into the pending
     # list of the consumer name both read as, after the new one has re-read that list
-    bus.publish("batches", batch(run_id, 0))
+    publish_batch(bus, batch(run_id, 0))
     stale = RedisBus(store.client, run_id)
     assert len(stale.consume("batches", "learner", "learner-0", count=1, reclaim=False)) == 1
-    bus.publish("batches", batch(run_id, 1))
+    publish_batch(bus, batch(run_id, 1))
     train_next(loop)  # batch 1 came first: not trained, the pending list is read again
     assert loop.step == 0
     assert train_next(loop).batch_id == 0 and loop.step == 1

@@ -15,10 +15,18 @@ import torch
 from dapo.data.models import load_tokenizer
 from dapo.runtime.runs import MemoryRunStore
 from dapo.runtime.service import ServiceContext
+from dapo.transport.bus import Bus
 from dapo.transport.memory_bus import MemoryBus
 from dapo.weights.registry import WeightSyncError
 from dapo.weights.sender import SyncStats
-from proto.messages import ScoredGroup, ScoredSample, TrainingBatch
+from proto.messages import (
+    HELD_CONSUMER,
+    SCORED_GROUP,
+    ScoredGroup,
+    ScoredSample,
+    TrainingBatch,
+    TrainingBatchRef,
+)
 from proto.runspec import RunSpec
 from services.learner.checkpoint import newest_checkpoint
 from services.learner.main import pad_token_id
@@ -98,6 +106,21 @@ def batch(run_id: str, batch_id: int) -> TrainingBatch:
     return TrainingBatch(run_id=run_id, batch_id=batch_id, groups=groups)
 
 
+def publish_batch(bus: Bus, b: TrainingBatch, consumer: str = "sampler-0") -> str | None:
+    """Publish ``b`` as the sampler does: its groups on ``scored``, read by the sampler's
+    group, then the reference on ``batches`` with the groups moved to the holder consumer,
+    in one commit. Returns the reference's entry id."""
+    for g in b.groups:
+        bus.publish("scored", g)
+    got = bus.consume("scored", SCORED_GROUP, consumer, count=len(b.groups), block_ms=10,
+                      reclaim=False)  # fmt: skip
+    assert [d.message.group_id for d in got] == [g.group_id for g in b.groups]
+    ref = TrainingBatchRef(run_id=b.run_id, batch_id=b.batch_id, stats=b.stats,
+                           entry_ids=[d.entry_id for d in got],
+                           group_ids=[g.group_id for g in b.groups])  # fmt: skip
+    return bus.commit(stream="batches", msg=ref, hold=got, holder=HELD_CONSUMER)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("model"))
@@ -117,7 +140,7 @@ def start_learner(spec: RunSpec, store: MemoryRunStore, bus: MemoryBus) -> Learn
     return LearnerLoop(ctx, policy, tokenizer, MemorySender(), run_dir, step, last_ckpt=ckpt)
 
 
-def train_next(loop: LearnerLoop) -> TrainingBatch:
+def train_next(loop: LearnerLoop) -> TrainingBatchRef:
     [d] = loop.rt.bus.consume("batches", "learner", CONSUMER, count=1, reclaim=False)
     loop.handle(d)
     return d.message
@@ -140,7 +163,7 @@ def test_learner_loop_trains_checkpoints_acks_and_resumes(model_dir, tmp_path):
     store.set_status(run_id, "running")
     bus = MemoryBus(run_id)
     for i in range(3):
-        bus.publish("batches", batch(run_id, i))
+        publish_batch(bus, batch(run_id, i))
 
     first = start_learner(spec, store, bus)
     assert first.step == 0 and first.policy.version == 0
@@ -167,8 +190,8 @@ def test_learner_loop_trains_checkpoints_acks_and_resumes(model_dir, tmp_path):
     assert (store.state(run_id).step, pending(bus)) == (3, 1)
     assert [r["batch_id"] for r in metrics_lines(runs / run_id)] == [0, 1, 2]
 
-    bus.publish("batches", batch(run_id, 1))  # an old batch id, sent again: skipped
-    bus.publish("batches", batch(run_id, 3))
+    publish_batch(bus, batch(run_id, 1))  # an old batch id, sent again: skipped
+    publish_batch(bus, batch(run_id, 3))
     restarted = MemoryBus(run_id, broker=bus.broker)  # a new process: re-reads its pending
     second = start_learner(spec, store, restarted)
     assert (second.step, second.policy.version, second.last_ckpt) == (2, 2, ckpt)
@@ -216,7 +239,7 @@ def test_a_failed_broadcast_is_not_announced_and_is_sent_again(model_dir, tmp_pa
     run_id = store.create(spec).run_id
     store.set_status(run_id, "running")
     bus = MemoryBus(run_id)
-    bus.publish("batches", batch(run_id, 0))
+    publish_batch(bus, batch(run_id, 0))
     loop = start_learner(spec, store, bus)
     loop.sender = FailingOnceSender(fail=1)
     loop.broadcast()

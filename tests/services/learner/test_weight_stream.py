@@ -52,6 +52,8 @@ def _worker(out: Path, redis_url: str) -> None:
     policy = Policy(type("T", (), {"model": model})(), ranks)
     if ranks.rank != 0:
         policy.follow()  # "weights" twice, then "stop"
+        ranks.barrier()  # both ranks leave the group together, as the learner does
+        ranks.close()
         return
     sender = WeightSender(
         redis.Redis.from_url(redis_url), "stream-test", meta_params(model), bucket_mb=0.004,
@@ -82,6 +84,8 @@ def _worker(out: Path, redis_url: str) -> None:
         "total_bytes": sender.layout.total_bytes,
     }
     (out / "result.json").write_text(json.dumps(result))
+    ranks.barrier()
+    ranks.close()
 
 
 if __name__ == "__main__":

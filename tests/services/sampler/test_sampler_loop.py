@@ -77,7 +77,10 @@ def test_filtering_exact_batches_and_the_account(memory_context, source_for):
     acc = sampler.account()
     assert (acc["filtered_all_correct"], acc["filtered_all_wrong"], acc["batches"]) == (1, 1, 1)
     (batch,) = ctx.bus.read("batches")[1]
-    assert [gr.group_id for gr in batch.groups] == [g[0], g[3]]
+    assert batch.group_ids == [g[0], g[3]]
+    held = ctx.bus.fetch("scored", batch.entry_ids)  # the groups stay on scored, held
+    assert [gr.group_id for gr in held] == [g[0], g[3]]
+    assert ctx.bus.lag("scored")["sampler"].pending == 2  # the two kept; the filtered acked
     assert batch.stats.mean_version_lag == 0.0 and acc["scored_since_batch"] == 0
     assert batch.stats.gen_rounds == 2  # four groups scored for a batch of two
     identity_holds(sampler)
