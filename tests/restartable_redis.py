@@ -22,16 +22,18 @@ class RestartableRedis:
     workdir: Path
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    appendfsync: str = "always"
+    """always by default: a test's figures must not depend on a lost second of writes."""
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout_s: float = 30.0) -> RestartableRedis:
+    def start(self, timeout_s: float = 60.0) -> RestartableRedis:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        # appendfsync always: the test's figures must not depend on a lost second of writes
         args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        args += ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir)]
+        args += ["--appendonly", "yes", "--appendfsync", self.appendfsync]
+        args += ["--dir", str(self.workdir)]
         args += ["--logfile", str(self.workdir / "redis.log")]
         self.proc = subprocess.Popen(
             [find_redis_server(), *args],
@@ -39,7 +41,7 @@ class RestartableRedis:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=1.0)
+        client = redis.Redis(port=self.port, socket_connect_timeout=1.0, socket_timeout=2.0)
         deadline = time.monotonic() + timeout_s
         while True:
             try:

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-import time
-
 from dapo.data.dataset import load_default_or_files
 from dapo.data.models import load_tokenizer
 from dapo.data.prompts import PromptSource
 from dapo.runtime.config import ServiceSettings
-from dapo.runtime.service import ServiceContext, ServiceRuntime
-from services.sampler.service import Sampler, SamplerMetrics
-
-log = logging.getLogger(__name__)
+from dapo.runtime.service import ServiceRuntime
+from services.sampler.service import SamplerMetrics, serve
 
 
 class SamplerSettings(ServiceSettings):
@@ -34,19 +29,7 @@ def run(settings: SamplerSettings) -> None:
     with ServiceRuntime("sampler", settings) as rt:
         source = prompt_source(rt.ctx.spec, settings.cache_dir)  # a DatasetError fails the run
         metrics = SamplerMetrics(rt.ctx.registry)  # once per process, however often entered
-        rt.serve(lambda: serve_anew(rt.ctx, source, metrics))
-
-
-def serve_anew(ctx: ServiceContext, source: PromptSource, metrics: SamplerMetrics) -> None:
-    """The sampler's loop with a new ``Sampler``: entered again after a Redis outage, it
-    re-reads the groups it held from its fresh bus, as a restarted sampler does."""
-    sampler = Sampler(ctx, ctx.spec, source, metrics)
-    last_log = 0.0
-    while not ctx.stopping():
-        sampler.tick()
-        if time.monotonic() - last_log > 10:
-            last_log = time.monotonic()
-            log.info("account %s", sampler.account())
+        rt.serve(lambda: serve(rt.ctx, source, metrics))
 
 
 def main() -> int:

@@ -316,8 +316,11 @@ class Sampler:
             raise
 
 
-def serve(rt: ServiceContext, source: PromptSource) -> None:
-    sampler = Sampler(rt, rt.spec, source, SamplerMetrics(rt.registry))
+def serve(rt: ServiceContext, source: PromptSource, metrics: SamplerMetrics) -> None:
+    """The sampler's loop with a new ``Sampler``: entered again after a Redis outage, it
+    re-reads the groups it held from its fresh bus, as a restarted sampler does. ``metrics``
+    are made once per process, however often the loop is entered."""
+    sampler = Sampler(rt, rt.spec, source, metrics)
     last_log = 0.0
     while not rt.stopping():
         sampler.tick()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import redis
 
-from dapo.transport.redis_embed import find_redis_server, free_port
 from proto.codec import DecodeError, decode, encode
 from proto.keys import run_key
 from proto.messages import HELD_CONSUMER, STREAM_MESSAGES, TrainingBatchRef
 from tests.factories import prompt_task, rollout_group, scored_group, weight_version
+from tests.restartable_redis import RestartableRedis
 
 CHART_VALUES = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "values.yaml"
 
@@ -34,43 +33,15 @@ def chart_appendfsync() -> str:
 
 
 @dataclass
-class ChaosRedis:
+class ChaosRedis(RestartableRedis):
     """A redis-server with append-only persistence (the chart's fsync policy) on a fixed
     port and folder: ``kill9`` + ``start`` is a crashed and rescheduled Redis pod, ``freeze``
     a Redis that stops answering (a partition, a stalled node)."""
 
-    workdir: Path
     appendfsync: str = field(default_factory=chart_appendfsync)
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout_s: float = 60.0) -> ChaosRedis:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "yes", "--appendfsync", self.appendfsync,
-                "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log")]  # fmt: skip
-        self.proc = subprocess.Popen([find_redis_server(), *args], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-        client = redis.Redis(port=self.port, socket_connect_timeout=1.0, socket_timeout=2.0)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                client.ping()
-                client.close()
-                return self
-            except (redis.ConnectionError, redis.TimeoutError):
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start: {self.log_tail()}") from None
-                time.sleep(0.05)
 
     def kill9(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
+        self.kill()
 
     def freeze(self, seconds: float) -> None:
         """SIGSTOP for ``seconds``, then SIGCONT: connections stay open, nothing answers."""
@@ -80,10 +51,6 @@ class ChaosRedis:
             time.sleep(seconds)
         finally:
             os.kill(self.proc.pid, signal.SIGCONT)
-
-    def log_tail(self) -> str:
-        path = self.workdir / "redis.log"
-        return path.read_text(errors="replace")[-2000:] if path.is_file() else "(no log)"
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
